@@ -1,0 +1,113 @@
+"""The public verbs: compress(), save(), load() (re-exported by llmrom)."""
+
+import logging
+import platform
+import time
+
+import torch
+import transformers
+
+from . import __version__
+from .arch import layout_for, weight_matrix, is_linear
+from .autoplan import choose_last_n
+from .config import CompressConfig
+from .cost import count_params, macs_per_token, peak_rss_bytes
+from .errors import LlmromError
+from .io import factorization_meta, load, save as _save_folder  # noqa: F401  (load is public)
+from .pipeline import LoopOptions, compress_blocks
+from .ranks import (LinearShape, check_budget, feasible_last_n, kept_params, last_blocks_plan,
+                    module_budget_for, read_ranks_file)
+from .textdata import calibration_windows, load_text
+
+log = logging.getLogger(__name__)
+
+
+def linear_shapes(model, layout, centered):
+    blocks = model.get_submodule(layout.blocks_path)
+    shapes = []
+    for i, block in enumerate(blocks):
+        names = [n for g in layout.groups for n in g] if layout.groups else \
+            [n for n, m in block.named_modules() if is_linear(m)]
+        for n in names:
+            mod = block.get_submodule(n)
+            shapes.append(LinearShape.of(f"{layout.blocks_path}.{i}.{n}", i, weight_matrix(mod),
+                                         mod.bias is not None, centered))
+    return shapes
+
+
+def choose_plan(model, layout, shapes, total, tokens, cfg, opts):
+    """{module: rank} for the config, and a description of how it was chosen."""
+    n_blocks = len(model.get_submodule(layout.blocks_path))
+    if cfg.budget is not None:
+        check_budget(cfg.budget, total, shapes)
+    if cfg.ranks_file:
+        plan, info = read_ranks_file(cfg.ranks_file, shapes), {"policy": "ranks-file", "file": cfg.ranks_file}
+    elif cfg.last_blocks is not None and cfg.module_budget is not None:
+        plan = last_blocks_plan(shapes, n_blocks, cfg.last_blocks, cfg.module_budget)
+        info = {"policy": "last-blocks", "last_blocks": cfg.last_blocks, "module_budget": cfg.module_budget}
+    elif cfg.budget >= 1:
+        plan, info = {}, {"policy": "none (budget 1 keeps everything)"}
+    elif cfg.last_blocks is not None:
+        b = module_budget_for(cfg.budget, total, shapes, n_blocks, min(cfg.last_blocks, n_blocks))
+        if b is None:
+            raise LlmromError(f"budget {cfg.budget:g} cannot be met by compressing only the last "
+                              f"{cfg.last_blocks} blocks; compress more blocks or drop --last-blocks")
+        plan = last_blocks_plan(shapes, n_blocks, cfg.last_blocks, b)
+        info = {"policy": "last-blocks", "last_blocks": cfg.last_blocks, "module_budget": b}
+    else:
+        candidates = feasible_last_n(cfg.budget, total, shapes, n_blocks)
+        (last_n, b), auto = choose_last_n(model, layout, shapes, n_blocks, candidates, tokens, opts)
+        plan = last_blocks_plan(shapes, n_blocks, last_n, b)
+        info = {"policy": "last-blocks (automatic)", "last_blocks": last_n, "module_budget": b, "auto": auto}
+    kept = kept_params(total, shapes, plan)
+    if cfg.budget is not None and kept > cfg.budget * total:
+        raise LlmromError(f"the requested ranks keep {kept / total:.4f} of the parameters, above --budget "
+                          f"{cfg.budget:g}; lower --module-budget or the ranks, or raise --budget")
+    return plan, info
+
+
+def compress(model, tokenizer, config: CompressConfig, progress=True, tokens=None):
+    """Compress `model` in place with LLM-ROM; returns (model, report dict).
+
+    `tokens` (nsamples x seqlen) overrides the calibration text of the config (used by tests).
+    """
+    t0 = time.perf_counter()
+    layout = layout_for(model)
+    shapes = linear_shapes(model, layout, config.centered)
+    before = {"parameters": count_params(model), "macs_per_token": macs_per_token(model)}
+    if tokens is None:
+        tokens = calibration_windows(tokenizer, load_text(config.calib), config.nsamples, config.seqlen, config.seed)
+    opts = LoopOptions(config.method, config.centered, config.sequential, config.batch_size,
+                       config.device, progress=progress)
+    plan, plan_info = choose_plan(model, layout, shapes, before["parameters"], tokens, config, opts)
+    records = compress_blocks(model, layout, tokens, plan, opts)
+    after = {"parameters": count_params(model), "macs_per_token": macs_per_token(model)}
+    report = {
+        "llmrom_version": __version__,
+        "config": config.to_dict(),
+        "plan": plan_info,
+        "calibration_tokens": int(tokens.numel()),
+        "totals": {
+            "parameters_before": before["parameters"], "parameters_after": after["parameters"],
+            "kept_fraction": after["parameters"] / before["parameters"],
+            "macs_per_token_before": before["macs_per_token"], "macs_per_token_after": after["macs_per_token"],
+            "wall_seconds": time.perf_counter() - t0, "peak_rss_bytes": peak_rss_bytes(),
+            "modules_factorized": sum(r.rank is not None for r in records),
+            "modules_kept_dense": sum(r.rank is None for r in records),
+        },
+        "environment": {"python": platform.python_version(), "torch": torch.__version__,
+                        "transformers": transformers.__version__, "machine": platform.machine(),
+                        "processor": platform.processor()},
+        "modules": [r.to_dict() for r in records],
+    }
+    for r in records:
+        if r.rank is None:
+            log.warning("%s", f"{r.name}: {r.note}")
+    return model, report
+
+
+def save(model, tokenizer, out_dir, report, overwrite=False, export_dense=False):
+    """Write a compressed model as a standard Hugging Face folder (see llmrom.io)."""
+    cfg = report.get("config", {})
+    meta = factorization_meta(model, cfg.get("method", "rom"), cfg.get("centered", False))
+    return _save_folder(model, tokenizer, out_dir, meta, report, overwrite=overwrite, export_dense=export_dense)

@@ -1,0 +1,72 @@
+"""The frozen configuration of a compression run. Field help texts feed the CLI's --help."""
+
+from dataclasses import MISSING, asdict, dataclass, field, fields
+
+from .errors import LlmromError
+
+CONFIG_VERSION = 1
+
+
+def _f(default, help):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class CompressConfig:
+    budget: float | None = _f(None, "fraction of the WHOLE model's parameters to keep, in (0, 1] (embeddings "
+                                    "count; the paper's 90/80/50%%). With no --last-blocks, the number of "
+                                    "compressed blocks is chosen automatically by calibration loss")
+    last_blocks: int | None = _f(None, "compress only the last N blocks (the paper's policy); with --budget and "
+                                       "no --module-budget, the module budget is solved to meet the budget")
+    module_budget: float | None = _f(None, "fraction of each compressed matrix's parameters kept, in (0, 1): "
+                                           "rank = floor(b * d_in * d_out / (d_in + d_out))")
+    ranks_file: str | None = _f(None, "JSON object {module name: rank} giving every rank explicitly")
+    method: str = _f("rom", "factorization: rom (the paper's output PCA) or svd (plain weight SVD baseline)")
+    centered: bool = _f(False, "PCA of mean-centred outputs, with the mean restored in a bias "
+                               "(default off: uncentred is better on the benchmark, see README)")
+    sequential: bool = _f(True, "calibrate each layer on the outputs of the already-compressed layers "
+                                "(the paper's scheme); --no-sequential uses the dense model's activations")
+    calib: str = _f("pydoc", "calibration text: pydoc (built in), python-docs:SUBDIR, a .txt/.jsonl file or a "
+                             "folder, or wikitext2 / c4 / ptb (needs `datasets` and network)")
+    nsamples: int = _f(512, "number of calibration windows (the paper: 512)")
+    seqlen: int = _f(128, "tokens per calibration window (the paper: 128)")
+    seed: int = _f(0, "seed of the calibration window positions")
+    batch_size: int = _f(16, "calibration windows per forward pass (lower it if memory is short)")
+    device: str = _f("cpu", "where blocks are computed: cpu or cuda[:N]")
+    dtype: str = _f("float32", "dtype the model is loaded and computed in: float32, bfloat16 or float16")
+
+    def __post_init__(self):
+        if self.budget is not None and not 0 < self.budget <= 1:
+            raise LlmromError(f"--budget must be in (0, 1] (fraction of parameters kept), got {self.budget}")
+        if self.module_budget is not None and not 0 < self.module_budget < 1:
+            raise LlmromError(f"--module-budget must be in (0, 1), got {self.module_budget}")
+        if self.last_blocks is not None and self.last_blocks < 1:
+            raise LlmromError(f"--last-blocks must be a positive integer, got {self.last_blocks}")
+        if self.ranks_file is None and self.budget is None and (self.last_blocks is None or self.module_budget is None):
+            raise LlmromError("say how much to keep: --budget F, or --last-blocks N --module-budget B, "
+                              "or --ranks-file FILE")
+        if self.ranks_file is not None and (self.last_blocks is not None or self.module_budget is not None):
+            raise LlmromError("--ranks-file gives every rank; do not combine it with --last-blocks/--module-budget")
+        from .methods import METHODS
+        if self.method not in METHODS:
+            raise LlmromError(f"unknown --method {self.method!r}; choose one of {sorted(METHODS)}")
+        for name in ("nsamples", "seqlen", "batch_size"):
+            if getattr(self, name) < 1:
+                raise LlmromError(f"--{name} must be a positive integer, got {getattr(self, name)}")
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise LlmromError(f"--dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+
+    def to_dict(self):
+        return {"type": "CompressConfig", "version": CONFIG_VERSION, **asdict(self)}
+
+    @classmethod
+    def from_dict(cls, d):
+        d = dict(d)
+        if d.pop("type", "CompressConfig") != "CompressConfig" or d.pop("version", CONFIG_VERSION) != CONFIG_VERSION:
+            raise LlmromError("this CompressConfig was written by an incompatible llmrom version")
+        return cls(**d)
+
+
+def config_fields():
+    """(name, default, help) of every field, for the CLI."""
+    return [(f.name, None if f.default is MISSING else f.default, f.metadata["help"]) for f in fields(CompressConfig)]

@@ -1,0 +1,31 @@
+"""Perplexity: exp(mean cross-entropy over every predicted token) of non-overlapping windows."""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .errors import NonFiniteError
+
+
+@torch.no_grad()
+def mean_nll(model, windows, batch_size=4, progress=False, desc="perplexity"):
+    """Mean next-token negative log-likelihood over all windows (each predicts seqlen-1 tokens)."""
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for start in tqdm(range(0, len(windows), batch_size), desc=desc, disable=not progress, leave=False):
+        ids = windows[start:start + batch_size].to(device)
+        logits = model(input_ids=ids, use_cache=False).logits.float()
+        nll = F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="none")
+        nll = nll.view(ids.shape[0], -1).sum(1)
+        bad = (~torch.isfinite(nll)).nonzero()
+        if len(bad):
+            raise NonFiniteError(f"non-finite loss in evaluation window {start + int(bad[0])}")
+        total += float(nll.sum())
+        count += ids.shape[0] * (ids.shape[1] - 1)
+    return total / count
+
+
+def perplexity(model, windows, batch_size=4, progress=False):
+    return math.exp(mean_nll(model, windows, batch_size, progress))

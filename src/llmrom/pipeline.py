@@ -1,0 +1,204 @@
+"""The sequential block loop (GPTQ-style), for models whose weights are in memory.
+
+capture block 0's inputs -> for each block: for each group of linears sharing an input, stream
+that input's moments (the block's forward stops at the group, so finished parts are not re-run),
+factorize the group's linears, swap them in -> run the compressed block to get the next block's
+inputs. Only one copy of the calibration hidden states is kept; outputs overwrite inputs.
+"""
+
+import logging
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from .arch import trace_groups, weight_matrix
+from .capture import _Stop, block0_input, record_calls, run_block, to_device
+from .errors import NonFiniteError
+from .factorized import FactorizedLinear, replace_module
+from .methods import METHODS
+from .ranks import LinearShape
+from .stats import Moments
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ModuleRecord:
+    name: str
+    d_in: int
+    d_out: int
+    rank: int | None  # None: kept dense
+    params_before: int
+    params_after: int
+    explained_variance: float | None
+    relative_error: float | None
+    seconds: float
+    note: str = ""
+
+    def to_dict(self):
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class LoopOptions:
+    method: str = "rom"
+    centered: bool = False
+    sequential: bool = True
+    batch_size: int = 16
+    device: str = "cpu"
+    act_dtype: torch.dtype | None = None  # None: the model's dtype
+    progress: bool = True
+
+
+def compress_blocks(model, layout, tokens, plan, opts):
+    """Compress in place the linears named in `plan` ({name: rank}); returns ModuleRecords."""
+    blocks = model.get_submodule(layout.blocks_path)
+    batches = list(tokens.split(opts.batch_size))
+    calls = {}
+    for b in batches:
+        if b.shape[0] not in calls:
+            calls[b.shape[0]] = record_calls(model, blocks, b)
+    hidden = [block0_input(model, blocks, b) for b in batches]
+    if opts.act_dtype is not None:
+        hidden = [h.to(opts.act_dtype) for h in hidden]
+    records, groups = [], layout.groups
+    bar = tqdm(range(len(blocks)), desc="blocks", unit="block", disable=not opts.progress)
+    for i in bar:
+        block, prefix = blocks[i], f"{layout.blocks_path}.{i}."
+        home = next(block.parameters()).device
+        block.to(opts.device)
+        block_calls = {k: _call_on(c[i], opts.device) for k, c in calls.items()}
+
+        def forward(h, stop_ok=False):
+            try:
+                return run_block(block, h.to(opts.device), block_calls[h.shape[0]])
+            except _Stop:
+                if not stop_ok:
+                    raise
+                return None
+
+        if groups is None:
+            groups = trace_groups(block, lambda: forward(hidden[0]))
+            log.info("traced linear groups: %s", groups)
+        todo = [[n for n in g if prefix + n in plan] for g in groups]
+        with torch.no_grad():
+            if opts.sequential:
+                for group in todo:
+                    if group:
+                        moments = _collect(block, group[:1], hidden, forward, stop=True)[group[0]]
+                        for n in group:
+                            records.append(_compress_one(block, prefix, n, moments, plan, opts))
+            elif any(todo):
+                wanted = [n for g in todo for n in g[:1]]
+                shared = {n: g[0] for g in todo for n in g}
+                moments = _collect(block, wanted, hidden, forward, stop=False, outputs=True)
+                for n in shared:
+                    records.append(_compress_one(block, prefix, n, moments[shared[n]], plan, opts))
+            if opts.sequential or not any(todo):
+                for j, h in enumerate(tqdm(hidden, desc=f"block {i} outputs", leave=False,
+                                           disable=not opts.progress)):
+                    hidden[j] = forward(h).to(device=h.device, dtype=h.dtype)
+        _check_hidden(hidden, i)
+        block.to(home)
+    return records
+
+
+def _call_on(call, device):
+    return type(call)(to_device(call.args, device), to_device(call.kwargs, device))
+
+
+def _collect(block, names, hidden, forward, stop, outputs=False):
+    """Moments of the inputs of the named linears over all micro-batches.
+
+    stop=True ends each forward at the (single) named linear; outputs=True stores the full block
+    outputs back into `hidden` (used by the non-sequential variant, whose next inputs are dense).
+    """
+    moments, handles = {}, []
+
+    def hook(name):
+        def pre(mod, args):
+            x = args[0]
+            if name not in moments:
+                moments[name] = Moments.zeros(x.shape[-1], x.device)
+            moments[name].update(x)
+            if stop:
+                raise _Stop
+        return pre
+
+    try:
+        for n in names:
+            handles.append(block.get_submodule(n).register_forward_pre_hook(hook(n)))
+        for j, h in enumerate(hidden):
+            out = forward(h, stop_ok=stop)
+            if outputs:
+                hidden[j] = out.to(device=h.device, dtype=h.dtype)
+    finally:
+        for hd in handles:
+            hd.remove()
+    return moments
+
+
+def _compress_one(block, prefix, name, moments, plan, opts):
+    t0 = time.perf_counter()
+    full = prefix + name
+    moments.check_finite(full)
+    module = block.get_submodule(name)
+    w = weight_matrix(module)
+    shape = LinearShape.of(full, -1, w, module.bias is not None, opts.centered)
+    rank = plan[full]
+    if not shape.worthwhile(rank):
+        return ModuleRecord(full, shape.d_in, shape.d_out, None, shape.dense_params, shape.dense_params,
+                            None, None, time.perf_counter() - t0,
+                            f"kept dense: rank {rank} would need {shape.factor_params(rank)} >= "
+                            f"{shape.dense_params} parameters")
+    f = METHODS[opts.method](w.detach(), module.bias.detach() if module.bias is not None else None,
+                             moments, rank, opts.centered)
+    if not all(torch.isfinite(t).all() for t in (f.first, f.second)):
+        raise NonFiniteError(f"non-finite factors for {full}")
+    new = FactorizedLinear(shape.d_in, shape.d_out, rank, f.bias is not None, dtype=w.dtype, device=w.device)
+    new.first.weight.copy_(f.first)
+    new.second.weight.copy_(f.second)
+    if f.bias is not None:
+        new.second.bias.copy_(f.bias)
+    replace_module(block, name, new)
+    bias = shape.d_out if module.bias is not None else 0
+    params_before, params_after = shape.dense_params + bias, shape.factor_params(rank) + bias
+    return ModuleRecord(full, shape.d_in, shape.d_out, rank, params_before, params_after,
+                        f.explained, f.relative_error, time.perf_counter() - t0)
+
+
+def _check_hidden(hidden, i):
+    for h in hidden:
+        if not torch.isfinite(h).all():
+            raise NonFiniteError(f"non-finite hidden states at the output of block {i}: the model overflows on "
+                                 "the calibration text in this dtype; load it in float32 (--dtype float32)")
+
+
+def profile_moments(model, layout, tokens, opts):
+    """Input moments of every group of every block of the DENSE model ({first linear: Moments})."""
+    blocks = model.get_submodule(layout.blocks_path)
+    batches = list(tokens.split(opts.batch_size))
+    calls = {b.shape[0]: None for b in batches}
+    calls = {k: record_calls(model, blocks, next(b for b in batches if b.shape[0] == k)) for k in calls}
+    hidden = [block0_input(model, blocks, b) for b in batches]
+    out = {}
+    for i in tqdm(range(len(blocks)), desc="profiling", unit="block", disable=not opts.progress):
+        block, prefix = blocks[i], f"{layout.blocks_path}.{i}."
+        block_calls = {k: _call_on(c[i], opts.device) for k, c in calls.items()}
+        home = next(block.parameters()).device
+        block.to(opts.device)
+
+        def forward(h, stop_ok=False):
+            return run_block(block, h.to(opts.device), block_calls[h.shape[0]])
+
+        groups = layout.groups or trace_groups(block, lambda: forward(hidden[0]))
+        with torch.no_grad():
+            moments = _collect(block, [g[0] for g in groups], hidden, forward, stop=False, outputs=True)
+        for g in groups:
+            for n in g:
+                out[prefix + n] = moments[g[0]]
+        _check_hidden(hidden, i)
+        block.to(home)
+    return out

@@ -1,0 +1,122 @@
+"""Budget -> ranks. A "plan" maps a module's dotted name to its rank; modules absent stay dense.
+
+Budget is the paper's: the fraction of the WHOLE model's parameters kept (embeddings count).
+"""
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import LlmromError
+
+
+@dataclass(frozen=True)
+class LinearShape:
+    name: str
+    block: int
+    d_in: int
+    d_out: int
+    added_bias: int = 0  # d_out when centring must add a bias the dense layer lacks
+
+    @classmethod
+    def of(cls, name, block, weight, has_bias, centered):
+        d_out, d_in = weight.shape
+        return cls(name, block, d_in, d_out, d_out if centered and not has_bias else 0)
+
+    @property
+    def dense_params(self):
+        return self.d_in * self.d_out
+
+    def factor_params(self, rank):
+        return rank * (self.d_in + self.d_out) + self.added_bias
+
+    def paper_rank(self, module_budget):
+        """Rank that keeps `module_budget` of the matrix's parameters: floor(b d_in d_out / (d_in + d_out))."""
+        return max(1, math.floor(module_budget * self.d_in * self.d_out / (self.d_in + self.d_out)))
+
+    def worthwhile(self, rank):
+        """A factorization is stored only if it is strictly smaller than the dense matrix."""
+        return 0 < rank and self.factor_params(rank) < self.dense_params
+
+
+def kept_params(total, shapes, plan):
+    """Whole-model parameters after applying `plan` (unfactorizable entries count as dense)."""
+    saved = sum(s.dense_params - s.factor_params(plan[s.name]) for s in shapes
+                if s.name in plan and s.worthwhile(plan[s.name]))
+    return total - saved
+
+
+def last_blocks_plan(shapes, n_blocks, last_n, module_budget):
+    """The paper's policy: the last `last_n` blocks, every linear at module budget b."""
+    if not 1 <= last_n <= n_blocks:
+        raise LlmromError(f"--last-blocks must be between 1 and {n_blocks} (the model has {n_blocks} blocks)")
+    if not 0 < module_budget < 1:
+        raise LlmromError(f"--module-budget must be in (0, 1), got {module_budget}")
+    first = n_blocks - last_n
+    return {s.name: s.paper_rank(module_budget) for s in shapes if s.block >= first}
+
+
+def smallest_reachable(total, shapes):
+    """Kept fraction when every block linear is cut to rank 1: no block-wise policy goes lower."""
+    return kept_params(total, shapes, {s.name: 1 for s in shapes}) / total
+
+
+def check_budget(budget, total, shapes):
+    if not 0 < budget <= 1:
+        raise LlmromError(f"--budget must be in (0, 1] (fraction of parameters kept), got {budget}")
+    floor = smallest_reachable(total, shapes)
+    if budget < floor:
+        raise LlmromError(
+            f"budget {budget:g} cannot be reached: even with every block linear at rank 1 the model keeps "
+            f"{floor:.4f} of its parameters (embeddings, norms, head); the smallest reachable is "
+            f"--budget {math.ceil(floor * 1000) / 1000:g}"
+        )
+
+
+def module_budget_for(budget, total, shapes, n_blocks, last_n):
+    """Largest module budget b (to 1e-4) whose last-`last_n` plan keeps <= budget; None if none does."""
+    target = budget * total
+    if kept_params(total, shapes, last_blocks_plan(shapes, n_blocks, last_n, 1e-4)) > target:
+        return None
+    lo, hi = 1e-4, 1.0 - 1e-4
+    if kept_params(total, shapes, last_blocks_plan(shapes, n_blocks, last_n, hi)) <= target:
+        return hi
+    while hi - lo > 1e-4:
+        mid = (lo + hi) / 2
+        if kept_params(total, shapes, last_blocks_plan(shapes, n_blocks, last_n, mid)) <= target:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+def feasible_last_n(budget, total, shapes, n_blocks):
+    """All (last_n, module_budget) pairs of the paper's policy that meet the budget."""
+    out = []
+    for last_n in range(1, n_blocks + 1):
+        b = module_budget_for(budget, total, shapes, n_blocks, last_n)
+        if b is not None:
+            out.append((last_n, b))
+    return out
+
+
+def read_ranks_file(path, shapes):
+    """A JSON object {module name: rank}; every name must be a compressible linear of the model."""
+    p = Path(path)
+    if not p.is_file():
+        raise LlmromError(f"ranks file {path} not found; pass a JSON object mapping module names to ranks")
+    try:
+        plan = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise LlmromError(f"ranks file {path} is not valid JSON ({e.msg} at line {e.lineno})") from None
+    if not isinstance(plan, dict):
+        raise LlmromError(f"ranks file {path} must hold a JSON object {{module name: rank}}")
+    known = {s.name: s for s in shapes}
+    for name, rank in plan.items():
+        if name not in known:
+            raise LlmromError(f"ranks file names {name!r}, which is not a compressible linear of this model "
+                              f"(e.g. {next(iter(known))!r}); see `llmrom info MODEL`")
+        if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+            raise LlmromError(f"ranks file: rank of {name!r} must be a positive integer, got {rank!r}")
+    return plan

@@ -1,0 +1,160 @@
+"""The math with known answers: factorizations, streamed statistics, rank and budget arithmetic."""
+
+import math
+
+import pytest
+import torch
+
+from llmrom.errors import LlmromError
+from llmrom.methods import METHODS, output_eigh, rom, svd
+from llmrom.ranks import (LinearShape, check_budget, feasible_last_n, kept_params, last_blocks_plan,
+                          module_budget_for, read_ranks_file, smallest_reachable)
+from llmrom.stats import Moments
+
+
+def data(d_in, d_out, n=2000, seed=0, bias=False):
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(d_in, d_in, generator=g, dtype=torch.float64) * torch.logspace(0, -2, d_in, dtype=torch.float64)
+    x = torch.randn(n, d_in, generator=g, dtype=torch.float64) @ mix + 0.5  # correlated, non-zero mean
+    w = torch.randn(d_out, d_in, generator=g, dtype=torch.float64)
+    b = torch.randn(d_out, generator=g, dtype=torch.float64) if bias else None
+    m = Moments.zeros(d_in)
+    m.update(x)
+    return x, w, b, m
+
+
+def empirical_error(x, w, b, f):
+    y = x @ w.T + (b if b is not None else 0)
+    yhat = (x @ f.first.T) @ f.second.T + (f.bias if f.bias is not None else 0)
+    return ((y - yhat) ** 2).sum(1).mean().item()
+
+
+@pytest.mark.parametrize("d_in,d_out", [(24, 16), (16, 24)])
+@pytest.mark.parametrize("centered", [False, True])
+def test_full_rank_reproduces_w(d_in, d_out, centered):
+    x, w, b, m = data(d_in, d_out, bias=True)
+    f = rom(w, b, m, min(d_in, d_out), centered)
+    assert torch.allclose(f.second @ f.first, w, atol=1e-8)
+    assert f.relative_error < 1e-6
+
+
+@pytest.mark.parametrize("d_in,d_out", [(32, 20), (20, 32)])
+@pytest.mark.parametrize("rank", [2, 5, 10])
+def test_rom_never_worse_than_weight_svd(d_in, d_out, rank):
+    x, w, b, m = data(d_in, d_out)
+    f_rom, f_svd = rom(w, b, m, rank), svd(w, b, m, rank)
+    e_rom, e_svd = empirical_error(x, w, b, f_rom), empirical_error(x, w, b, f_svd)
+    assert e_rom <= e_svd * (1 + 1e-9)
+    assert e_rom < 0.9 * e_svd  # on correlated inputs the data-aware optimum is clearly better
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("centered", [False, True])
+def test_reported_error_is_the_empirical_error(method, centered):
+    x, w, b, m = data(20, 12, bias=True)
+    f = METHODS[method](w, b, m, 4, centered)
+    assert f.residual == pytest.approx(empirical_error(x, w, b, f), rel=1e-6)
+    y = x @ w.T + b
+    assert f.output_energy == pytest.approx((y ** 2).sum(1).mean().item(), rel=1e-6)  # fp32 chunk GEMMs
+    assert 0 < f.explained < 1
+
+
+def test_centred_restores_the_mean():
+    x, w, b, m = data(20, 12)
+    f = rom(w, None, m, 3, centered=True)
+    err = x @ w.T - ((x @ f.first.T) @ f.second.T + f.bias)
+    assert err.mean(0).abs().max() < 1e-6 * err.abs().mean()
+    f_unc = rom(w, None, m, 3, centered=False)
+    assert f_unc.bias is None
+
+
+def test_centred_is_best_among_projections_plus_bias():
+    x, w, b, m = data(20, 12)
+    assert rom(w, None, m, 3, True).residual <= rom(w, None, m, 3, False).residual * (1 + 1e-9)
+
+
+def test_streamed_moments_equal_one_shot():
+    x, *_ = data(16, 4, n=1000)
+    streamed = Moments.zeros(16)
+    for chunk in x.split(77):
+        streamed.update(chunk.float())
+    one = x.float().double()
+    assert torch.allclose(streamed.second_moment(), one.T @ one / len(one), rtol=1e-6, atol=1e-6)
+    assert torch.allclose(streamed.mean(), one.mean(0), atol=1e-6)
+    assert streamed.n == 1000
+
+
+def test_small_space_eigh_matches_direct():
+    x, w, b, m = data(12, 40)
+    vals, vecs = output_eigh(w, m.second_moment())
+    direct_vals, direct_vecs = torch.linalg.eigh(w @ m.second_moment() @ w.T)
+    assert torch.allclose(vals, direct_vals.flip(0), rtol=1e-8, atol=1e-8 * float(direct_vals.max()))
+    for r in (3, 12):
+        p1, p2 = vecs[:, :r] @ vecs[:, :r].T, direct_vecs[:, -r:] @ direct_vecs[:, -r:].T
+        assert torch.allclose(p1, p2, atol=1e-7)
+    assert torch.allclose(vecs.T @ vecs, torch.eye(vecs.shape[1], dtype=vecs.dtype), atol=1e-8)  # orthonormal
+
+
+def test_moments_refuse_non_finite():
+    m = Moments.zeros(3)
+    m.update(torch.tensor([[1.0, float("nan"), 0.0]]))
+    with pytest.raises(LlmromError, match="layers.3.mlp.up_proj"):
+        m.check_finite("layers.3.mlp.up_proj")
+
+
+def shapes(n_blocks=4):
+    return [LinearShape(f"b.{i}.{n}", i, d_in, d_out) for i in range(n_blocks)
+            for n, d_in, d_out in (("q", 64, 64), ("up", 64, 256), ("down", 256, 64))]
+
+
+def test_paper_rank_formula_and_worthwhile():
+    s = LinearShape("x", 0, 256, 64)
+    assert s.paper_rank(0.5) == int(0.5 * 256 * 64 / 320)
+    assert s.factor_params(s.paper_rank(0.999)) < s.dense_params
+    assert not s.worthwhile(64) and s.worthwhile(51) and not s.worthwhile(0)
+
+
+def test_module_budget_meets_budget_and_is_tight():
+    sh, total = shapes(), 200_000
+    for budget in (0.95, 0.9, 0.8):
+        for last_n in (2, 3, 4):
+            b = module_budget_for(budget, total, sh, 4, last_n)
+            if b is None:
+                continue
+            assert kept_params(total, sh, last_blocks_plan(sh, 4, last_n, b)) <= budget * total
+            if b < 0.999:
+                assert kept_params(total, sh, last_blocks_plan(sh, 4, last_n, b + 2e-3)) > budget * total
+    assert feasible_last_n(smallest_reachable(total, sh) / 2, total, sh, 4) == []
+    assert [n for n, _ in feasible_last_n(0.999, total, sh, 4)] == [1, 2, 3, 4]
+
+
+def test_plans_never_store_larger_than_dense():
+    sh = shapes()
+    plan = {s.name: 10_000 for s in sh}
+    assert kept_params(123_456, sh, plan) == 123_456
+
+
+def test_budget_errors_name_the_fix():
+    sh = shapes()
+    with pytest.raises(LlmromError, match=r"\(0, 1\]"):
+        check_budget(1.5, 200_000, sh)
+    floor = smallest_reachable(200_000, sh)
+    with pytest.raises(LlmromError, match=f"smallest reachable is --budget {math.ceil(floor * 1000) / 1000:g}"):
+        check_budget(floor / 2, 200_000, sh)
+    check_budget(floor + 0.01, 200_000, sh)
+
+
+def test_ranks_file(tmp_path):
+    sh = shapes()
+    f = tmp_path / "r.json"
+    f.write_text('{"b.3.q": 8}')
+    assert read_ranks_file(f, sh) == {"b.3.q": 8}
+    f.write_text('{"b.9.q": 8}')
+    with pytest.raises(LlmromError, match="not a compressible linear"):
+        read_ranks_file(f, sh)
+    f.write_text('{"b.3.q": 0}')
+    with pytest.raises(LlmromError, match="positive integer"):
+        read_ranks_file(f, sh)
+    f.write_text('{"b.3.q": ')
+    with pytest.raises(LlmromError, match="not valid JSON"):
+        read_ranks_file(f, sh)
