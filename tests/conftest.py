@@ -56,3 +56,25 @@ def family(request):
 def calib_tokens(n=12, seqlen=16, seed=0):
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, 128, (n, seqlen), generator=g)
+
+
+def trained_tokenizer(vocab_size=128):
+    """A real fast BPE tokenizer trained in-process on the built-in pydoc text (no download)."""
+    from pydoc_data.topics import topics
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>"], show_progress=False)
+    tok.train_from_iterator(list(topics.values())[:50], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>")
+
+
+@pytest.fixture(scope="session")
+def tiny_folder(tmp_path_factory):
+    """A tiny llama saved as an ordinary Hugging Face folder, with a tokenizer."""
+    folder = tmp_path_factory.mktemp("tiny") / "llama"
+    tiny_model("llama").save_pretrained(folder)
+    trained_tokenizer().save_pretrained(folder)
+    return folder

@@ -15,7 +15,7 @@ from .cost import count_params, macs_per_token, peak_rss_bytes
 from .errors import LlmromError
 from .io import factorization_meta, load, save as _save_folder  # noqa: F401  (load is public)
 from .pipeline import LoopOptions, compress_blocks
-from .ranks import (LinearShape, check_budget, feasible_last_n, kept_params, last_blocks_plan,
+from .ranks import (LinearShape, check_budget, check_last_blocks, feasible_last_n, kept_params, last_blocks_plan,
                     module_budget_for, read_ranks_file)
 from .textdata import calibration_windows, load_text
 
@@ -40,6 +40,8 @@ def choose_plan(model, layout, shapes, total, tokens, cfg, opts):
     n_blocks = len(model.get_submodule(layout.blocks_path))
     if cfg.budget is not None:
         check_budget(cfg.budget, total, shapes)
+    if cfg.last_blocks is not None:
+        check_last_blocks(cfg.last_blocks, n_blocks)
     if cfg.ranks_file:
         plan, info = read_ranks_file(cfg.ranks_file, shapes), {"policy": "ranks-file", "file": cfg.ranks_file}
     elif cfg.last_blocks is not None and cfg.module_budget is not None:
@@ -48,7 +50,7 @@ def choose_plan(model, layout, shapes, total, tokens, cfg, opts):
     elif cfg.budget >= 1:
         plan, info = {}, {"policy": "none (budget 1 keeps everything)"}
     elif cfg.last_blocks is not None:
-        b = module_budget_for(cfg.budget, total, shapes, n_blocks, min(cfg.last_blocks, n_blocks))
+        b = module_budget_for(cfg.budget, total, shapes, n_blocks, cfg.last_blocks)
         if b is None:
             raise LlmromError(f"budget {cfg.budget:g} cannot be met by compressing only the last "
                               f"{cfg.last_blocks} blocks; compress more blocks or drop --last-blocks")

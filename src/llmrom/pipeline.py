@@ -153,10 +153,13 @@ def _compress_one(block, prefix, name, moments, plan, opts):
                             None, None, time.perf_counter() - t0,
                             f"kept dense: rank {rank} would need {shape.factor_params(rank)} >= "
                             f"{shape.dense_params} parameters")
-    f = METHODS[opts.method](w.detach(), module.bias.detach() if module.bias is not None else None,
-                             moments, rank, opts.centered)
-    if not all(torch.isfinite(t).all() for t in (f.first, f.second)):
-        raise NonFiniteError(f"non-finite factors for {full}")
+    if not torch.isfinite(w).all():
+        raise NonFiniteError(f"non-finite weights in {full}: the checkpoint is damaged or overflowed on loading")
+    try:
+        f = METHODS[opts.method](w.detach(), module.bias.detach() if module.bias is not None else None,
+                                 moments, rank, opts.centered)
+    except NonFiniteError as e:
+        raise NonFiniteError(f"{full}: {e}") from None
     new = FactorizedLinear(shape.d_in, shape.d_out, rank, f.bias is not None, dtype=w.dtype, device=w.device)
     new.first.weight.copy_(f.first)
     new.second.weight.copy_(f.second)

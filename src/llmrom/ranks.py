@@ -49,12 +49,16 @@ def kept_params(total, shapes, plan):
 
 def last_blocks_plan(shapes, n_blocks, last_n, module_budget):
     """The paper's policy: the last `last_n` blocks, every linear at module budget b."""
-    if not 1 <= last_n <= n_blocks:
-        raise LlmromError(f"--last-blocks must be between 1 and {n_blocks} (the model has {n_blocks} blocks)")
+    check_last_blocks(last_n, n_blocks)
     if not 0 < module_budget < 1:
         raise LlmromError(f"--module-budget must be in (0, 1), got {module_budget}")
     first = n_blocks - last_n
     return {s.name: s.paper_rank(module_budget) for s in shapes if s.block >= first}
+
+
+def check_last_blocks(last_n, n_blocks):
+    if not 1 <= last_n <= n_blocks:
+        raise LlmromError(f"--last-blocks must be between 1 and {n_blocks} (the model has {n_blocks} blocks)")
 
 
 def smallest_reachable(total, shapes):
