@@ -14,8 +14,8 @@ import torch
 from .errors import LlmromError
 
 
-class _Stop(Exception):
-    pass
+class StopForward(Exception):
+    """Raised by a hook or recorder to end a forward pass early."""
 
 
 @dataclass
@@ -45,14 +45,14 @@ def record_calls(model, blocks, input_ids):
         def fwd(hidden, *args, **kwargs):
             calls[i] = BlockCall(args, _without_cache(kwargs))
             if i == len(blocks) - 1:
-                raise _Stop
+                raise StopForward
             return hidden
         return fwd
 
     with _patched(blocks, make), torch.no_grad():
         try:
             model(input_ids=input_ids, use_cache=False)
-        except _Stop:
+        except StopForward:
             pass
     missing = [i for i, c in enumerate(calls) if c is None]
     if missing:
@@ -68,13 +68,13 @@ def block0_input(model, blocks, input_ids):
     def make(i):
         def fwd(hidden, *args, **kwargs):
             got["h"] = hidden
-            raise _Stop
+            raise StopForward
         return fwd
 
     with _patched(blocks, make), torch.no_grad():
         try:
             model(input_ids=input_ids, use_cache=False)
-        except _Stop:
+        except StopForward:
             pass
     return got["h"]
 

@@ -3,6 +3,7 @@
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -62,6 +63,9 @@ def main(argv=None):
     except LlmromError as e:
         print(f"llmrom: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # e.g. `llmrom info DIR | head`
+        sys.stdout = open(os.devnull, "w")
+        return 0
     except KeyboardInterrupt:
         print("llmrom: interrupted; no output folder was written", file=sys.stderr)
         return 130

