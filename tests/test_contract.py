@@ -112,3 +112,34 @@ def test_non_sequential_calibrates_on_dense_activations(tmp_path):
     only1.write_text(json.dumps({n: 4 for n in names if ".layers.1." in n and "down_proj" in n}))
     assert torch.allclose(_block1_factors(False, both), _block1_factors(False, only1), atol=1e-5)
     assert not torch.allclose(_block1_factors(True, both), _block1_factors(True, only1), atol=1e-3)
+
+
+def test_unknown_family_falls_back_to_traced_groups(monkeypatch, caplog, tmp_path):
+    monkeypatch.delitem(SPECS, "llama")
+    with caplog.at_level("WARNING"):
+        model, report, tokens = compress_tiny("llama", last_blocks=2, module_budget=0.5, budget=None)
+    assert "generic spec" in caplog.text
+    assert report["totals"]["modules_factorized"] == 14
+    loaded, _ = llmrom.load(llmrom.save(model, None, tmp_path / "o", report))
+    with torch.no_grad():
+        assert torch.equal(loaded(tokens).logits, model(tokens).logits)
+
+
+def test_folder_loads_where_llmrom_cannot_be_imported(tmp_path):
+    """The written modeling file is self-contained: load it in a process that blocks `import llmrom`."""
+    import subprocess
+    import sys
+    model, report, tokens = compress_tiny("qwen2", centered=True)
+    out = llmrom.save(model, None, tmp_path / "o", report)
+    torch.save({"tokens": tokens, "logits": model(tokens).logits.detach()}, tmp_path / "ref.pt")
+    code = (
+        "import sys; sys.modules['llmrom'] = None\n"
+        "import torch, transformers\n"
+        f"ref = torch.load({str(tmp_path / 'ref.pt')!r})\n"
+        f"m = transformers.AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True).eval()\n"
+        "assert torch.equal(m(ref['tokens']).logits, ref['logits'])\n"
+        "print('identical')\n"
+    )
+    env = {k: v for k, v in __import__("os").environ.items() if k != "PYTHONPATH"}
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert res.returncode == 0 and "identical" in res.stdout, res.stderr[-2000:]

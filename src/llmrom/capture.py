@@ -24,17 +24,19 @@ class BlockCall:
     kwargs: dict
 
 
-def _patched(blocks, make_forward):
-    """Context: each block's forward replaced by make_forward(i) (instance attribute, removed after)."""
-    class _Ctx:
-        def __enter__(self):
-            for i, b in enumerate(blocks):
-                b.forward = make_forward(i)
-
-        def __exit__(self, *exc):
-            for b in blocks:
-                del b.forward
-    return _Ctx()
+def _run_patched(model, blocks, make_forward, input_ids):
+    """Run the model with each block's forward replaced by make_forward(i) (an instance attribute,
+    removed afterwards) until a replacement raises StopForward."""
+    try:
+        for i, b in enumerate(blocks):
+            b.forward = make_forward(i)
+        with torch.no_grad():
+            model(input_ids=input_ids, use_cache=False)
+    except StopForward:
+        pass
+    finally:
+        for b in blocks:
+            b.__dict__.pop("forward", None)
 
 
 def record_calls(model, blocks, input_ids):
@@ -49,11 +51,7 @@ def record_calls(model, blocks, input_ids):
             return hidden
         return fwd
 
-    with _patched(blocks, make), torch.no_grad():
-        try:
-            model(input_ids=input_ids, use_cache=False)
-        except StopForward:
-            pass
+    _run_patched(model, blocks, make, input_ids)
     missing = [i for i, c in enumerate(calls) if c is None]
     if missing:
         raise LlmromError(f"blocks {missing} were never called by {type(model).__name__}.forward; "
@@ -71,11 +69,7 @@ def block0_input(model, blocks, input_ids):
             raise StopForward
         return fwd
 
-    with _patched(blocks, make), torch.no_grad():
-        try:
-            model(input_ids=input_ids, use_cache=False)
-        except StopForward:
-            pass
+    _run_patched(model, blocks, make, input_ids)
     return got["h"]
 
 

@@ -59,8 +59,9 @@ def load_model(source, gguf_file=None, dtype="float32"):
     except ValueError as e:
         raise LlmromError(f"cannot load {source} as a causal LM: {str(e).splitlines()[0]}") from None
     except OSError as e:
-        raise LlmromError(f"cannot load {source}: {str(e).splitlines()[0]} (no network? use a local folder "
-                          "or .gguf file)") from None
+        from .packaged import PACKAGED_MODELS
+        raise LlmromError(f"cannot load {source}: {str(e).splitlines()[0]} (no network? give a local folder, a "
+                          f".gguf file, or a packaged model: {', '.join(sorted(PACKAGED_MODELS))})") from None
     _forget_gguf_quantization(model)
     return model.eval(), tokenizer
 
