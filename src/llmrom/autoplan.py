@@ -55,7 +55,7 @@ def choose_last_n(model, layout, shapes, n_blocks, candidates, tokens, opts, n_p
                 v = eig[name][:, :rank]
                 weight_matrix(model.get_submodule(name)).copy_(v @ (v.T @ saved[name]))
             try:
-                loss = mean_nll(model, held, batch_size=opts.batch_size)
+                loss = mean_nll(model, held)
             except NonFiniteError:  # this candidate collapses the model: it scores infinitely bad
                 loss = math.inf
             table.append({"last_blocks": last_n, "module_budget": b, "proxy_calib_loss": loss})

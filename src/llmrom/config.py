@@ -53,6 +53,13 @@ class CompressConfig:
         for name in ("nsamples", "seqlen", "batch_size"):
             if getattr(self, name) < 1:
                 raise LlmromError(f"--{name} must be a positive integer, got {getattr(self, name)}")
+        import torch
+        try:
+            dev = torch.device(self.device)
+        except RuntimeError:
+            raise LlmromError(f"--device {self.device!r} is not a device; use cpu or cuda[:N]") from None
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise LlmromError(f"--device {self.device} asked for, but this torch sees no CUDA GPU; use --device cpu")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise LlmromError(f"--dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
 

@@ -9,10 +9,15 @@ from tqdm.auto import tqdm
 from .errors import NonFiniteError
 
 
+LOGITS_BUDGET = 2**28  # float32 logits per forward (1 GiB): large vocabularies get smaller batches
+
+
 @torch.no_grad()
-def mean_nll(model, windows, batch_size=4, progress=False, desc="perplexity"):
+def mean_nll(model, windows, batch_size=None, progress=False, desc="perplexity"):
     """Mean next-token negative log-likelihood over all windows (each predicts seqlen-1 tokens)."""
     device = next(model.parameters()).device
+    if batch_size is None:
+        batch_size = max(1, LOGITS_BUDGET // (windows.shape[1] * model.get_output_embeddings().out_features))
     total, count = 0.0, 0
     for start in tqdm(range(0, len(windows), batch_size), desc=desc, disable=not progress, leave=False):
         ids = windows[start:start + batch_size].to(device)
@@ -27,5 +32,5 @@ def mean_nll(model, windows, batch_size=4, progress=False, desc="perplexity"):
     return total / count
 
 
-def perplexity(model, windows, batch_size=4, progress=False):
+def perplexity(model, windows, batch_size=None, progress=False):
     return math.exp(mean_nll(model, windows, batch_size, progress))
