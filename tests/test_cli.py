@@ -68,6 +68,7 @@ def test_existing_output_is_refused_then_overwritten(tiny_folder, tmp_path, caps
     (["{tiny}", "--budget", "0.99", "--last-blocks", "7"], "between 1 and 2"),
     (["{tiny}", "--budget", "0.9", "--ranks-file", "/no/ranks.json"], "ranks file"),
     (["{tiny}", "--budget", "0.9", "--device", "tpu9"], "is not a device"),
+    (["{tiny}", "--budget", "0.9", "--centered", "--export", "dense"], "add --no-centered"),
 ])
 def test_bad_input_is_one_clear_line(tiny_folder, tmp_path, capsys, argv, message):
     argv = [a.replace("{tiny}", str(tiny_folder)) for a in argv]

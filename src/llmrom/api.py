@@ -35,6 +35,16 @@ def linear_shapes(model, layout, centered):
     return shapes
 
 
+def check_dense_exportable(model):
+    """Centring adds biases; a dense export of the original architecture can hold them only where
+    the block linears already have biases. Checked before compressing, not after."""
+    layout = layout_for(model)
+    missing = [s.name for s in linear_shapes(model, layout, centered=True) if s.added_bias]
+    if missing:
+        raise LlmromError(f"--export dense cannot hold the biases that centring adds ({missing[0]} and "
+                          f"{len(missing) - 1} more have none in this architecture); add --no-centered")
+
+
 def choose_plan(model, layout, shapes, total, tokens, cfg, opts):
     """{module: rank} for the config, and a description of how it was chosen."""
     n_blocks = len(model.get_submodule(layout.blocks_path))

@@ -93,6 +93,8 @@ def cmd_compress(args):
         windows = eval_windows(tokenizer, eval_text, args.eval_seqlen, args.eval_windows)
         ppl["before"] = perplexity(model, windows, progress=True)
         log.info("perplexity before: %.3f", ppl["before"])
+    if args.export == "dense" and cfg.centered:
+        api.check_dense_exportable(model)
     model, report = api.compress(model, tokenizer, cfg)
     if eval_text is not None:
         ppl["after"] = perplexity(model, windows, progress=True)

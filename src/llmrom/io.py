@@ -175,7 +175,7 @@ def dense_state_dict(model, meta):
         mod, orig = model.get_submodule(name), skeleton.get_submodule(name)
         if mod.second.bias is not None and getattr(orig, "bias", None) is None:
             raise LlmromError(f"--export dense cannot store the bias that centring added to {name} (the original "
-                              "layer has none); compress without --centered to export dense")
+                              "layer has none); compress with --no-centered to export dense")
         for k in [k for k in state if k.startswith(name + ".")]:
             del state[k]
         w = mod.second.weight @ mod.first.weight
