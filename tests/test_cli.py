@@ -40,6 +40,8 @@ def test_compress_info_and_reload(tiny_folder, tmp_path, capsys):
     assert code == 0 and "model.layers.1.mlp.down_proj" in stdout and "rank" in stdout
     code, stdout, _ = run(capsys, "info", out, "--json")
     assert json.loads(stdout)["totals"] == report["totals"]
+    code, _, err = run(capsys, "compress", out, "--budget", "0.8", "--out", tmp_path / "again", *FAST)
+    assert code == 2 and "already compressed" in err and not (tmp_path / "again").exists()
 
 
 def test_existing_output_is_refused_then_overwritten(tiny_folder, tmp_path, capsys):

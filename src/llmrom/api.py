@@ -13,6 +13,7 @@ from .autoplan import choose_last_n
 from .config import CompressConfig
 from .cost import count_params, macs_per_token, peak_rss_bytes
 from .errors import LlmromError
+from .factorized import FactorizedLinear
 from .io import factorization_meta, load, save as _save_folder  # noqa: F401  (load is public)
 from .pipeline import LoopOptions, compress_blocks
 from .ranks import (LinearShape, check_budget, check_last_blocks, feasible_last_n, kept_params, last_blocks_plan,
@@ -84,6 +85,9 @@ def compress(model, tokenizer, config: CompressConfig, progress=True, tokens=Non
     `tokens` (nsamples x seqlen) overrides the calibration text of the config (used by tests).
     """
     t0 = time.perf_counter()
+    if any(isinstance(m, FactorizedLinear) for m in model.modules()):
+        raise LlmromError("this model is already compressed by llmrom; compress the original (dense) model "
+                          "with the lower budget instead")
     layout = layout_for(model)
     shapes = linear_shapes(model, layout, config.centered)
     before = {"parameters": count_params(model), "macs_per_token": macs_per_token(model)}
