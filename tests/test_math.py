@@ -59,13 +59,13 @@ def test_reported_error_is_the_empirical_error(method, centered):
     assert 0 < f.explained < 1
 
 
-def test_centred_restores_the_mean():
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_centred_restores_the_mean(method):
     x, w, b, m = data(20, 12)
-    f = rom(w, None, m, 3, centered=True)
+    f = METHODS[method](w, None, m, 3, centered=True)
     err = x @ w.T - ((x @ f.first.T) @ f.second.T + f.bias)
     assert err.mean(0).abs().max() < 1e-6 * err.abs().mean()
-    f_unc = rom(w, None, m, 3, centered=False)
-    assert f_unc.bias is None
+    assert METHODS[method](w, None, m, 3, centered=False).bias is None
 
 
 def test_centred_is_best_among_projections_plus_bias():

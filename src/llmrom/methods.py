@@ -84,13 +84,16 @@ def rom(weight, bias, moments, rank, centered=False):
 
 
 def svd(weight, bias, moments, rank, centered=False):
-    """Plain truncated SVD of the weight (data-free baseline); `centered` is ignored."""
+    """Plain truncated SVD of the weight (data-free baseline); centred, the lost mean goes to the bias."""
     w = weight.to(torch.float64)
     u, s, vh = torch.linalg.svd(w, full_matrices=False)
     first = s[:rank, None] * vh[:rank]
     second_moment = moments.second_moment()
     vals, _ = output_eigh(w, second_moment)
     new_bias = bias.to(torch.float64) if bias is not None else None
+    if centered:
+        lost_mean = (w - u[:, :rank] @ first) @ moments.mean()
+        new_bias = lost_mean if new_bias is None else new_bias + lost_mean
     return _finish(w, bias, moments, second_moment, first, u[:, :rank], new_bias, vals, "svd")
 
 

@@ -9,7 +9,7 @@ from tqdm.auto import tqdm
 from .errors import NonFiniteError
 
 
-LOGITS_BUDGET = 2**28  # float32 logits per forward (1 GiB): large vocabularies get smaller batches
+LOGITS_BUDGET = 2**26  # float32 logits per forward (256 MiB): large vocabularies get smaller batches
 
 
 @torch.no_grad()
