@@ -54,8 +54,8 @@ def compress_tiny(family, **cfg):
     return model, report, tokens
 
 
-@pytest.mark.parametrize("options", [{}, {"centered": True}, {"sequential": False}],
-                         ids=["default", "centered", "non-sequential"])
+@pytest.mark.parametrize("options", [{}, {"centered": False}, {"sequential": False}],
+                         ids=["default", "uncentred", "non-sequential"])
 def test_compress_save_load_identical_logits(family, options, tmp_path):
     model, report, tokens = compress_tiny(family, **options)
     assert report["totals"]["kept_fraction"] <= 0.9
@@ -75,7 +75,7 @@ def test_compress_save_load_identical_logits(family, options, tmp_path):
 
 
 def test_dense_export_loads_without_llmrom(family, tmp_path):
-    model, report, tokens = compress_tiny(family)
+    model, report, tokens = compress_tiny(family, centered=False)  # centring adds biases these layers lack
     with torch.no_grad():
         ref = model(tokens).logits
     out = llmrom.save(model, None, tmp_path / "dense", report, export_dense=True)

@@ -44,7 +44,7 @@ class ModuleRecord:
 @dataclass(frozen=True)
 class LoopOptions:
     method: str = "rom"
-    centered: bool = False
+    centered: bool = True
     sequential: bool = True
     batch_size: int = 16
     device: str = "cpu"
