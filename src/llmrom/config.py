@@ -27,7 +27,8 @@ class CompressConfig:
                               "PCA on SmolLM2 (perplexity 24.1 vs 26.9, bench/results); --no-centered is the "
                               "paper's uncentred form")
     sequential: bool = _f(True, "calibrate each layer on the outputs of the already-compressed layers "
-                                "(the paper's scheme); --no-sequential uses the dense model's activations")
+                                "(the paper's scheme; best with centring on SmolLM2, 24.10 vs 24.33); "
+                                "--no-sequential uses the dense model's activations (one block pass instead of about four)")
     calib: str = _f("pydoc", "calibration text: pydoc (built in), python-docs:SUBDIR, a .txt/.jsonl file or a "
                              "folder, or wikitext2 / c4 / ptb (needs `datasets` and network)")
     nsamples: int = _f(512, "number of calibration windows (the paper: 512)")
