@@ -158,3 +158,12 @@ def test_ranks_file(tmp_path):
     f.write_text('{"b.3.q": ')
     with pytest.raises(LlmromError, match="not valid JSON"):
         read_ranks_file(f, sh)
+
+
+def test_config_round_trips_and_rejects_other_versions():
+    from llmrom.config import CompressConfig
+    cfg = CompressConfig(budget=0.8, centered=False, nsamples=64)
+    d = cfg.to_dict()
+    assert d["type"] == "CompressConfig" and CompressConfig.from_dict(d) == cfg
+    with pytest.raises(LlmromError, match="incompatible"):
+        CompressConfig.from_dict({**d, "version": 99})

@@ -62,9 +62,6 @@ class Layout:
     groups: tuple  # tuple of tuples of names relative to a block; None until traced (generic)
     known: bool
 
-    def linear_names(self, index):
-        return [f"{self.blocks_path}.{index}.{n}" for g in self.groups for n in g]
-
 
 def layout_for(model):
     """The layout of a model; for unknown families, groups are traced later (`groups=None`)."""

@@ -48,7 +48,6 @@ class LoopOptions:
     sequential: bool = True
     batch_size: int = 16
     device: str = "cpu"
-    act_dtype: torch.dtype | None = None  # None: the model's dtype
     progress: bool = True
 
 
@@ -95,10 +94,7 @@ def _prepare(model, blocks, tokens, opts):
     for b in batches:
         if b.shape[0] not in calls:
             calls[b.shape[0]] = record_calls(model, blocks, b)
-    hidden = [block0_input(model, blocks, b) for b in batches]
-    if opts.act_dtype is not None:
-        hidden = [h.to(opts.act_dtype) for h in hidden]
-    return calls, hidden
+    return calls, [block0_input(model, blocks, b) for b in batches]
 
 
 def _block_forward(block, calls, i, device):
