@@ -75,11 +75,7 @@ def rom(weight, bias, moments, rank, centered=False):
     vals, vecs = output_eigh(w, stats)
     v = vecs[:, :rank]
     first = v.T @ w
-    new_bias = bias.to(torch.float64) if bias is not None else None
-    if centered:
-        wm = w @ moments.mean()
-        lost_mean = wm - v @ (v.T @ wm)
-        new_bias = lost_mean if new_bias is None else new_bias + lost_mean
+    new_bias = _new_bias(w, bias, first, v, moments, centered)
     return _finish(w, bias, moments, second_moment, first, v, new_bias, vals, "rom")
 
 
@@ -90,11 +86,17 @@ def svd(weight, bias, moments, rank, centered=False):
     first = s[:rank, None] * vh[:rank]
     second_moment = moments.second_moment()
     vals, _ = output_eigh(w, second_moment)
+    new_bias = _new_bias(w, bias, first, u[:, :rank], moments, centered)
+    return _finish(w, bias, moments, second_moment, first, u[:, :rank], new_bias, vals, "svd")
+
+
+def _new_bias(w, bias, first, second, moments, centered):
+    """The original bias; centred, plus the mean output the factors lose, (W - second first) E[x]."""
     new_bias = bias.to(torch.float64) if bias is not None else None
     if centered:
-        lost_mean = (w - u[:, :rank] @ first) @ moments.mean()
+        lost_mean = (w - second @ first) @ moments.mean()
         new_bias = lost_mean if new_bias is None else new_bias + lost_mean
-    return _finish(w, bias, moments, second_moment, first, u[:, :rank], new_bias, vals, "svd")
+    return new_bias
 
 
 def _finish(w, bias, moments, second_moment, first, second, new_bias, vals, name):
