@@ -49,6 +49,8 @@ def build_parser():
     c.add_argument("--eval-windows", type=int, default=40, help="number of evaluation windows (first N)")
     _add_config_options(c)
 
+    _add_heal_parser(sub)
+
     i = sub.add_parser("info", help="show the ranks and savings of a compressed folder")
     i.add_argument("folder", help="a folder written by `llmrom compress`")
     i.add_argument("--json", action="store_true", help="print the whole report as JSON")
@@ -59,7 +61,7 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(levelname)s %(name)s: %(message)s")
     try:
-        return {"compress": cmd_compress, "info": cmd_info}[args.command](args)
+        return {"compress": cmd_compress, "info": cmd_info, "heal": cmd_heal}[args.command](args)
     except LlmromError as e:
         print(f"llmrom: error: {e}", file=sys.stderr)
         return 2
@@ -145,6 +147,135 @@ def cmd_info(args):
         er = "-" if m["relative_error"] is None else f"{m['relative_error']:.4f}"
         print(f"{m['name']:<45} {m['d_out']:>6}x{m['d_in']:<6} {rank:>6} "
               f"{m['params_before']:>8}->{m['params_after']:<8} {ev:>8} {er:>7}")
+    return 0
+
+
+def _add_heal_parser(sub):
+    h = sub.add_parser("heal", help="recovery fine-tuning of a compressed folder (factors only, or merged LoRA)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    h.add_argument("folder", help="a folder written by `llmrom compress`")
+    h.add_argument("--data", required=True, metavar="SOURCE",
+                   help="training text: python-docs:library, pydoc, a .txt/.jsonl file or a folder (never the --eval text)")
+    h.add_argument("--out", required=True, help="output folder (written atomically; same parameter count as FOLDER)")
+    h.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    h.add_argument("--train", default="factors", choices=["factors", "lora"],
+                   help="factors: tune only the factorized modules' factors (WeLore); lora: LoRA adapters on the "
+                        "factors, merged into them at the end")
+    h.add_argument("--ggpo", action="store_true", help="LoRA-GGPO gradient-guided weight perturbation (--train lora)")
+    h.add_argument("--ggpo-alpha", type=float, default=1.0, help="GGPO weight of the gradient-norm term")
+    h.add_argument("--ggpo-beta", type=float, default=0.01, help="GGPO weight of the weight-norm term "
+                                                                 "(noise std per element = beta x the row's RMS)")
+    h.add_argument("--lora-rank", type=int, default=8, help="LoRA rank k")
+    h.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA scale numerator (update = alpha/k B A)")
+    h.add_argument("--lora-targets", default="first,second",
+                   help="factors to adapt: first, second, or both (both adapt the whole factorized map, still exactly "
+                        "mergeable)")
+    h.add_argument("--modules", metavar="REGEX", help="heal only the factorized modules whose name matches")
+    h.add_argument("--tokens", type=int, default=65536, help="training token budget")
+    h.add_argument("--seqlen", type=int, default=256, help="tokens per training window")
+    h.add_argument("--batch-size", type=int, default=4, help="windows per forward pass")
+    h.add_argument("--grad-accum", type=int, default=1, help="forward passes per optimizer step")
+    h.add_argument("--lr", type=float, help="peak learning rate (default: 1e-4 for factors, 1e-3 for lora)")
+    h.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    h.add_argument("--warmup", type=float, default=0.05, help="fraction of steps of linear warm-up (then linear decay)")
+    h.add_argument("--eval", default="auto", metavar="SOURCE",
+                   help="held-out text for perplexity and early stopping; auto: python-docs:tutorial when installed; "
+                        "none: no evaluation")
+    h.add_argument("--eval-seqlen", type=int, default=512, help="tokens per evaluation window")
+    h.add_argument("--eval-windows", type=int, default=8, help="number of evaluation windows (first N)")
+    h.add_argument("--eval-every", type=int, default=16, help="evaluate every N optimizer steps")
+    h.add_argument("--patience", type=int, default=3, help="stop after N evaluations without improvement")
+    h.add_argument("--checkpoint-every", type=int, default=0,
+                   help="checkpoint every N steps into a hidden folder next to --out (0: never)")
+    h.add_argument("--resume", action="store_true", help="continue from the checkpoint next to --out")
+    h.add_argument("--seed", type=int, default=0, help="seed of the data order, LoRA init and GGPO noise")
+    h.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="training dtype")
+
+
+def cmd_heal(args):
+    import shutil
+
+    import torch
+
+    from . import api
+    from .heal import HealConfig, check_held_out, heal
+    from .io import REPORT_NAME, check_output, is_llmrom_folder
+    from .textdata import eval_windows, load_text
+
+    folder, out = Path(args.folder), Path(args.out)
+    if not is_llmrom_folder(folder):
+        raise LlmromError(f"{folder} is not an llmrom folder; heal a folder written by `llmrom compress`")
+    check_output(out, args.overwrite)
+    cfg = HealConfig(mode=args.train, ggpo=args.ggpo, tokens=args.tokens, seqlen=args.seqlen,
+                     batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
+                     weight_decay=args.weight_decay, warmup=args.warmup, lora_rank=args.lora_rank,
+                     lora_alpha=args.lora_alpha, lora_targets=tuple(
+                         t.strip() for t in args.lora_targets.replace("both", "first,second").split(",") if t.strip()),
+                     ggpo_alpha=args.ggpo_alpha, ggpo_beta=args.ggpo_beta, modules=args.modules,
+                     eval_every=args.eval_every, patience=args.patience, checkpoint_every=args.checkpoint_every,
+                     seed=args.seed)
+    train_text = load_text(args.data)
+    eval_source = None if args.eval.lower() == "none" else args.eval
+    if eval_source == "auto":
+        try:
+            eval_text, eval_source = load_text("python-docs:tutorial"), "python-docs:tutorial"
+        except LlmromError as e:
+            log.warning("no held-out evaluation (%s); pass --eval SOURCE for perplexity and early stopping", e)
+            eval_source = None
+    elif eval_source is not None:
+        eval_text = load_text(eval_source)
+    if eval_source is not None:
+        check_held_out(args.data, train_text, eval_source, eval_text)
+    log.info("loading %s", folder)
+    model, tokenizer = api.load(folder, dtype=getattr(torch, args.dtype))
+    if tokenizer is None:
+        raise LlmromError(f"{folder} holds no tokenizer; heal needs one to read --data")
+    windows = eval_windows(tokenizer, eval_text, args.eval_seqlen, args.eval_windows) if eval_source else None
+    ckpt = out.parent / f".{out.name}.heal-checkpoint"
+    record = heal(model, tokenizer, train_text, cfg, eval_windows=windows, checkpoint_dir=ckpt, resume=args.resume)
+    record = {"data": args.data, "input": str(folder), **record}
+    if eval_source is not None:
+        record["evaluation"]["source"] = eval_source
+    report_path = folder / REPORT_NAME
+    report = json.loads(report_path.read_text()) if report_path.is_file() else {}
+    report["heal"] = record
+    api.save(model, tokenizer, out, report, overwrite=args.overwrite)
+    shutil.rmtree(ckpt, ignore_errors=True)
+    print(f"healed ({record['mode']}): {record['steps']} steps, {record['tokens']:,} tokens of {args.data}, "
+          f"{record['trainable_parameters']:,} trainable of {record['parameters']:,} parameters (unchanged)")
+    if eval_source is not None:
+        e = record["evaluation"]
+        print(f"held-out perplexity on {eval_source} ({e['windows']} x {e['seqlen']} tokens): "
+              f"{e['perplexity_before']:.3f} -> {e['perplexity_after']:.3f} (best at step {e['best_step']})")
+    print(f"training {record['train_seconds']:.0f} s, peak RSS {record['peak_rss_bytes'] / 2**30:.2f} GiB")
+    print(f"saved to {out}")
+    return 0
+
+
+def _add_stream_options(p):
+    p.add_argument("--stream", action="store_true",
+                   help="read, compress and write one block at a time from a safetensors folder (memory: one block, "
+                        "its statistics and the hidden states); needs --last-blocks or --ranks-file. Not automatic: "
+                        "without it the model is loaded whole")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted --stream run from its last finished block (same options)")
+
+
+def _compress_streaming(args, cfg, out):
+    from .stream import compress_streaming
+    if not args.stream:
+        raise LlmromError("--resume continues a --stream run; add --stream")
+    if args.export != "factorized" or args.eval or args.gguf_file:
+        raise LlmromError("--stream writes the factorized export without --eval or --gguf-file; drop those options "
+                          "(evaluate the output folder afterwards)")
+    report = compress_streaming(args.model, out, cfg, resume=args.resume, overwrite=args.overwrite)
+    t = report["totals"]
+    print(f"parameters: {t['parameters_before']:,} -> {t['parameters_after']:,} "
+          f"(kept {t['kept_fraction']:.4f}, budget {cfg.budget})")
+    print(f"plan: {_plan_line(report['plan'])}")
+    print(f"wall time {t['wall_seconds']:.0f} s, peak RSS {t['peak_rss_bytes'] / 2**30:.2f} GiB; seconds by step: "
+          + ", ".join(f"{k} {v:.0f}" for k, v in report["streaming"]["seconds"].items()))
+    print(f"saved to {out} (factorized, streamed)")
     return 0
 
 
