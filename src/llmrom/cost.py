@@ -30,4 +30,38 @@ def macs_per_token(model, seqlen=128):
 
 
 def peak_rss_bytes():
+    """Peak resident memory of this process since it started or since reset_peak_rss()."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def reset_peak_rss():
+    """Start a new peak-RSS measurement (Linux: clear_refs 5); False where the OS cannot."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def parameter_bytes(model):
+    """Bytes of the unique tensors of the state dict in their current dtypes (what a save would write)."""
+    seen, total = set(), 0
+    for t in model.state_dict().values():
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total
+
+
+def disk_bytes(folder):
+    """Bytes of the weight files (safetensors shards) of a saved folder."""
+    from pathlib import Path
+    return sum(p.stat().st_size for p in Path(folder).glob("*.safetensors"))

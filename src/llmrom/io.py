@@ -123,33 +123,41 @@ def save(model, tokenizer, out_dir, meta, report, overwrite=False, export_dense=
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        config = model.config.to_dict()
-        config.pop("quantization_config", None)
-        config["dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
-        config["architectures"] = [meta["base_architecture"]]
-        if export_dense:
-            state = dense_state_dict(model, meta)
-            config.pop("llmrom", None)
-            config.pop("auto_map", None)
-        else:
-            state = model.state_dict()
-            cls_name = f"Llmrom{meta['base_architecture']}"
-            config["llmrom"] = meta
-            config["auto_map"] = {"AutoModelForCausalLM": f"{MODELING_NAME[:-3]}.{cls_name}"}
-            (tmp / MODELING_NAME).write_text(modeling_source(meta["base_architecture"], cls_name))
-        write_safetensors(state, tmp)
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str) + "\n")
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        if getattr(model, "generation_config", None) is not None:
-            model.generation_config.save_pretrained(tmp)
-        (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2, default=str) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        write_safetensors(dense_state_dict(model, meta) if export_dense else model.state_dict(), tmp)
+        finish_folder(tmp, out, model, tokenizer, meta, report, export_dense)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def finish_folder(tmp, out, model, tokenizer, meta, report, export_dense=False):
+    """Complete the hidden folder `tmp`, whose weights are written, and rename it to `out`.
+
+    Writes config.json (with the llmrom metadata, or without for a dense export), the modeling
+    file, tokenizer, generation config and report. `model` may be a meta-device skeleton: only its
+    config, generation config and parameter dtype are read.
+    """
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)
+    config["dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
+    config["architectures"] = [meta["base_architecture"]]
+    if export_dense:
+        config.pop("llmrom", None)
+        config.pop("auto_map", None)
+    else:
+        cls_name = f"Llmrom{meta['base_architecture']}"
+        config["llmrom"] = meta
+        config["auto_map"] = {"AutoModelForCausalLM": f"{MODELING_NAME[:-3]}.{cls_name}"}
+        (tmp / MODELING_NAME).write_text(modeling_source(meta["base_architecture"], cls_name))
+    (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str) + "\n")
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(tmp)
+    (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2, default=str) + "\n")
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
 
 
 def check_output(out, overwrite):
@@ -213,3 +221,15 @@ def write_safetensors(state, folder):
     total = sum(v.numel() * v.element_size() for v in tensors.values())
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def write_json_atomic(path, obj):
+    """Write JSON to `path` through a temporary sibling and a rename: never a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.partial-{os.getpid()}"
+    try:
+        tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -141,7 +141,7 @@ def _load_hub(name: str, split: str) -> str:
     return _join(list(docs), f"dataset {name}:{split}")
 
 
-def _adds_bos(tokenizer) -> bool:
+def adds_bos(tokenizer) -> bool:
     """Whether the tokenizer puts a BOS token in front of a text by itself."""
     bos = getattr(tokenizer, "bos_token_id", None)
     if bos is None:
@@ -173,7 +173,7 @@ def calibration_windows(tokenizer, text: str, nsamples: int, seqlen: int, seed: 
     seqlen - 1 text tokens.
     """
     _check_positive(nsamples=nsamples, seqlen=seqlen)
-    bos = _adds_bos(tokenizer)
+    bos = adds_bos(tokenizer)
     if bos and seqlen < 2:
         raise LlmromError("seqlen must be at least 2 for a tokenizer that adds BOS; raise seqlen")
     ids = _tokenize(tokenizer, text)
@@ -195,7 +195,7 @@ def eval_windows(tokenizer, text: str, seqlen: int, max_windows: int | None = No
     if max_windows is not None:
         _check_positive(max_windows=max_windows)
     ids = _tokenize(tokenizer, text)
-    if _adds_bos(tokenizer):
+    if adds_bos(tokenizer):
         ids = torch.cat([torch.tensor([tokenizer.bos_token_id]), ids])
     n = len(ids) // seqlen
     if n == 0:
