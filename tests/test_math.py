@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from llmrom.errors import LlmromError
-from llmrom.methods import METHODS, output_eigh, rom, svd
+from llmrom.methods import METHODS, output_eigh, rom, svd, whitened_svd
 from llmrom.ranks import (LinearShape, check_budget, feasible_last_n, kept_params, last_blocks_plan,
                           module_budget_for, read_ranks_file, smallest_reachable)
 from llmrom.stats import Moments
@@ -46,6 +46,28 @@ def test_rom_never_worse_than_weight_svd(d_in, d_out, rank):
     e_rom, e_svd = empirical_error(x, w, b, f_rom), empirical_error(x, w, b, f_svd)
     assert e_rom <= e_svd * (1 + 1e-9)
     assert e_rom < 0.9 * e_svd  # on correlated inputs the data-aware optimum is clearly better
+
+
+@pytest.mark.parametrize("d_in,d_out", [(32, 20), (20, 32)])
+@pytest.mark.parametrize("rank", [2, 5, 10])
+def test_whitened_svd_is_uncentred_rom(d_in, d_out, rank):
+    """SVD-LLM's truncation is the optimum of uncentred output PCA: equal error at equal rank."""
+    x, w, b, m = data(d_in, d_out)
+    f_w, f_rom = whitened_svd(w, b, m, rank), rom(w, b, m, rank)
+    assert f_w.residual == pytest.approx(f_rom.residual, rel=1e-6)
+    assert empirical_error(x, w, b, f_w) == pytest.approx(empirical_error(x, w, b, f_rom), rel=1e-6)
+    assert torch.allclose(f_w.spectrum[:rank], f_rom.spectrum[:rank], rtol=1e-8)
+
+
+def test_whitened_svd_damps_a_singular_second_moment_and_full_rank_reproduces_w():
+    x, w, b, m = data(12, 8)
+    x = torch.cat([x, torch.zeros(len(x), 2, dtype=x.dtype)], 1)  # two dead inputs: S is singular
+    w = torch.cat([w, torch.randn(8, 2, dtype=w.dtype)], 1)
+    dead = Moments.zeros(14)
+    dead.update(x)
+    f = whitened_svd(w, None, dead, 8)
+    assert torch.isfinite(f.first).all()
+    assert empirical_error(x, w, None, f) < 1e-6 * (x @ w.T).pow(2).sum(1).mean().item()
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))

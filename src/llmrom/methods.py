@@ -90,6 +90,37 @@ def svd(weight, bias, moments, rank, centered=False):
     return _finish(w, bias, moments, second_moment, first, u[:, :rank], new_bias, vals, "svd")
 
 
+def whitened_svd(weight, bias, moments, rank, centered=False):
+    """SVD-LLM (W): truncated SVD of W L, with S = L L^T the Cholesky factor of the input second moment.
+
+    W ~ U_r diag(s_r) V_r^T L^{-1}: `second` = U_r, `first` = diag(s_r) V_r^T L^{-1}. Its truncation is
+    the optimum of uncentred output PCA (W S W^T = U diag(s)^2 U^T), so at equal ranks it equals
+    `rom` uncentred; it is here as the peer's recipe for baselines. When S is not positive definite
+    (dead or collinear inputs) the documented fallback adds the smallest damping eps * mean(diag S) * I,
+    eps = 1e-10, 1e-8, ..., 1e-2, that makes the Cholesky succeed; beyond that it is an error.
+    """
+    w = weight.to(torch.float64)
+    second_moment = moments.second_moment()
+    chol = _damped_cholesky(second_moment)
+    u, sv, vh = torch.linalg.svd(w @ chol, full_matrices=False)
+    first = torch.linalg.solve_triangular(chol, sv[:rank, None] * vh[:rank], upper=False, left=False)
+    second = u[:, :rank]
+    vals = torch.cat([sv ** 2, sv.new_zeros(max(0, w.shape[0] - sv.shape[0]))])
+    new_bias = _new_bias(w, bias, first, second, moments, centered)
+    return _finish(w, bias, moments, second_moment, first, second, new_bias, vals, "whitened_svd")
+
+
+def _damped_cholesky(s):
+    scale = float(s.diagonal().mean().clamp_min(1e-300))
+    eye = torch.eye(s.shape[0], dtype=s.dtype, device=s.device)
+    for eps in (0.0, 1e-10, 1e-8, 1e-6, 1e-4, 1e-2):
+        chol, info = torch.linalg.cholesky_ex(s + eps * scale * eye)
+        if int(info) == 0:
+            return chol
+    raise NonFiniteError("whitened_svd: the input second moment is not positive definite even with damping "
+                         "1e-2 x its mean diagonal (dead inputs?); use --method rom")
+
+
 def _new_bias(w, bias, first, second, moments, centered):
     """The original bias; centred, plus the mean output the factors lose, (W - second first) E[x]."""
     new_bias = bias.to(torch.float64) if bias is not None else None
@@ -118,4 +149,4 @@ def _finish(w, bias, moments, second_moment, first, second, new_bias, vals, name
     return Factors(first, second, new_bias, vals, max(float(residual), 0.0), float(energy))
 
 
-METHODS = {"rom": rom, "svd": svd}
+METHODS = {"rom": rom, "svd": svd, "whitened_svd": whitened_svd}
