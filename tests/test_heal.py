@@ -113,7 +113,7 @@ def test_ggpo_noise_scales_with_gradient_and_weight_rows(compressed):
 def test_resume_reproduces_the_uninterrupted_run(compressed, tok, texts, tmp_path, mode="lora", ggpo=True):
     """LoRA-GGPO carries the most state: adapters, AdamW moments, schedule, noise generator, gradient rows."""
     ev = eval_windows(tok, texts[1], 32, 2)
-    cfg = HealConfig(mode=mode, ggpo=ggpo, lr=1e-3, checkpoint_every=2, **FAST)
+    cfg = HealConfig(mode=mode, ggpo=ggpo, lr=1e-3, checkpoint_every=2, **{**FAST, "eval_every": 4})
     whole = copy.deepcopy(compressed[0])
     rec_whole = heal(whole, tok, texts[0], cfg, eval_windows=ev, progress=False, checkpoint_dir=tmp_path / "a")
 
@@ -132,7 +132,7 @@ def test_resume_reproduces_the_uninterrupted_run(compressed, tok, texts, tmp_pat
     a, b = params_of(whole), params_of(resumed)
     assert all(torch.equal(a[n], b[n]) for n in a)
     assert rec["evaluation"]["history"] == rec_whole["evaluation"]["history"]
-    other = HealConfig(mode=mode, ggpo=ggpo, lr=2e-3, checkpoint_every=2, **FAST)
+    other = HealConfig(mode=mode, ggpo=ggpo, lr=2e-3, checkpoint_every=2, **{**FAST, "eval_every": 4})
     with pytest.raises(llmrom.LlmromError, match="other settings"):
         heal(copy.deepcopy(compressed[0]), tok, texts[0], other, progress=False, checkpoint_dir=tmp_path / "b",
              resume=True)
