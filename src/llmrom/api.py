@@ -79,6 +79,11 @@ def choose_plan(model, layout, shapes, total, tokens, cfg, opts):
     return plan, info
 
 
+def loop_options(config, progress=True):
+    return LoopOptions(config.method, config.centered, config.sequential, config.batch_size, config.device,
+                       progress, config.activations, config.activations_dtype)
+
+
 def compress(model, tokenizer, config: CompressConfig, progress=True, tokens=None):
     """Compress `model` in place with LLM-ROM; returns (model, report dict).
 
@@ -93,12 +98,21 @@ def compress(model, tokenizer, config: CompressConfig, progress=True, tokens=Non
     before = {"parameters": count_params(model), "macs_per_token": macs_per_token(model)}
     if tokens is None:
         tokens = calibration_windows(tokenizer, load_text(config.calib), config.nsamples, config.seqlen, config.seed)
-    opts = LoopOptions(config.method, config.centered, config.sequential, config.batch_size,
-                       config.device, progress=progress)
+    opts = loop_options(config, progress)
     plan, plan_info = choose_plan(model, layout, shapes, before["parameters"], tokens, config, opts)
     records = compress_blocks(model, layout, tokens, plan, opts)
     after = {"parameters": count_params(model), "macs_per_token": macs_per_token(model)}
-    report = {
+    report = build_report(config, plan_info, tokens, before, after, records, time.perf_counter() - t0,
+                          peak_rss_bytes())
+    for r in records:
+        if r.rank is None:
+            log.warning("%s", f"{r.name}: {r.note}")
+    return model, report
+
+
+def build_report(config, plan_info, tokens, before, after, records, wall_seconds, peak_rss):
+    """The run report written as llmrom_report.json (one place for in-memory and streaming runs)."""
+    return {
         "llmrom_version": __version__,
         "config": config.to_dict(),
         "plan": plan_info,
@@ -107,7 +121,7 @@ def compress(model, tokenizer, config: CompressConfig, progress=True, tokens=Non
             "parameters_before": before["parameters"], "parameters_after": after["parameters"],
             "kept_fraction": after["parameters"] / before["parameters"],
             "macs_per_token_before": before["macs_per_token"], "macs_per_token_after": after["macs_per_token"],
-            "wall_seconds": time.perf_counter() - t0, "peak_rss_bytes": peak_rss_bytes(),
+            "wall_seconds": wall_seconds, "peak_rss_bytes": peak_rss,
             "modules_factorized": sum(r.rank is not None for r in records),
             "modules_kept_dense": sum(r.rank is None for r in records),
         },
@@ -116,10 +130,6 @@ def compress(model, tokenizer, config: CompressConfig, progress=True, tokens=Non
                         "processor": platform.processor()},
         "modules": [r.to_dict() for r in records],
     }
-    for r in records:
-        if r.rank is None:
-            log.warning("%s", f"{r.name}: {r.note}")
-    return model, report
 
 
 def save(model, tokenizer, out_dir, report, overwrite=False, export_dense=False):

@@ -48,6 +48,7 @@ def build_parser():
     c.add_argument("--eval-seqlen", type=int, default=512, help="tokens per evaluation window")
     c.add_argument("--eval-windows", type=int, default=40, help="number of evaluation windows (first N)")
     _add_config_options(c)
+    _add_stream_options(c)
 
     _add_heal_parser(sub)
 
@@ -84,6 +85,8 @@ def cmd_compress(args):
     cfg = CompressConfig(**{name: getattr(args, name) for name, _, _ in config_fields()})
     out = Path(args.out)
     check_output(out, args.overwrite)
+    if args.stream or args.resume:
+        return _compress_streaming(args, cfg, out)
     eval_text = load_text(args.eval) if args.eval else None
     if eval_text is not None and args.eval == cfg.calib:
         raise LlmromError("--eval must be held-out text, different from --calib")
@@ -249,6 +252,33 @@ def cmd_heal(args):
               f"{e['perplexity_before']:.3f} -> {e['perplexity_after']:.3f} (best at step {e['best_step']})")
     print(f"training {record['train_seconds']:.0f} s, peak RSS {record['peak_rss_bytes'] / 2**30:.2f} GiB")
     print(f"saved to {out}")
+    return 0
+
+
+def _add_stream_options(p):
+    p.add_argument("--stream", action="store_true",
+                   help="read, compress and write one block at a time from a safetensors folder (memory: one block, "
+                        "its statistics and the hidden states); needs --last-blocks or --ranks-file. Not automatic: "
+                        "without it the model is loaded whole")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted --stream run from its last finished block (same options)")
+
+
+def _compress_streaming(args, cfg, out):
+    from .stream import compress_streaming
+    if not args.stream:
+        raise LlmromError("--resume continues a --stream run; add --stream")
+    if args.export != "factorized" or args.eval or args.gguf_file:
+        raise LlmromError("--stream writes the factorized export without --eval or --gguf-file; drop those options "
+                          "(evaluate the output folder afterwards)")
+    report = compress_streaming(args.model, out, cfg, resume=args.resume, overwrite=args.overwrite)
+    t = report["totals"]
+    print(f"parameters: {t['parameters_before']:,} -> {t['parameters_after']:,} "
+          f"(kept {t['kept_fraction']:.4f}, budget {cfg.budget})")
+    print(f"plan: {_plan_line(report['plan'])}")
+    print(f"wall time {t['wall_seconds']:.0f} s, peak RSS {t['peak_rss_bytes'] / 2**30:.2f} GiB; seconds by step: "
+          + ", ".join(f"{k} {v:.0f}" for k, v in report["streaming"]["seconds"].items()))
+    print(f"saved to {out} (factorized, streamed)")
     return 0
 
 

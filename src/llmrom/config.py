@@ -37,6 +37,10 @@ class CompressConfig:
     batch_size: int = _f(16, "calibration windows per forward pass (lower it if memory is short)")
     device: str = _f("cpu", "where blocks are computed: cpu or cuda[:N]")
     dtype: str = _f("float32", "dtype the model is loaded and computed in: float32, bfloat16 or float16")
+    activations: str = _f("cpu", "where the calibration hidden states live between blocks: cpu (memory) or disk "
+                                 "(two files beside the output, one micro-batch in memory at a time)")
+    activations_dtype: str | None = _f(None, "dtype the hidden states are kept in between blocks: float32, "
+                                             "bfloat16 or float16 (halves their memory; default: --dtype)")
 
     def __post_init__(self):
         if self.budget is not None and not 0 < self.budget <= 1:
@@ -65,6 +69,10 @@ class CompressConfig:
             raise LlmromError(f"--device {self.device} asked for, but this torch sees no CUDA GPU; use --device cpu")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise LlmromError(f"--dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.activations not in ("cpu", "disk"):
+            raise LlmromError(f"--activations must be cpu or disk, got {self.activations!r}")
+        if self.activations_dtype not in (None, "float32", "bfloat16", "float16"):
+            raise LlmromError(f"--activations-dtype must be float32, bfloat16 or float16, got {self.activations_dtype!r}")
 
     def to_dict(self):
         return {"type": "CompressConfig", "version": CONFIG_VERSION, **asdict(self)}

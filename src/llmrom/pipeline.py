@@ -1,4 +1,4 @@
-"""The sequential block loop (GPTQ-style), for models whose weights are in memory.
+"""The sequential block loop (GPTQ-style); `compress_block` is one step, shared with llmrom.stream.
 
 capture block 0's inputs -> for each block: for each group of linears sharing an input, stream
 that input's moments (the block's forward stops at the group, so finished parts are not re-run),
@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 import torch
 from tqdm.auto import tqdm
 
+from .activations import MemoryStore, activation_store, parse_dtype
 from .arch import trace_groups, weight_matrix
 from .capture import StopForward, block0_input, record_calls, run_block, to_device
 from .errors import NonFiniteError
@@ -49,45 +50,63 @@ class LoopOptions:
     batch_size: int = 16
     device: str = "cpu"
     progress: bool = True
+    activations: str = "cpu"  # where the hidden states live between blocks: cpu or disk
+    activations_dtype: str | None = None  # their dtype; None: the model's
 
 
-def compress_blocks(model, layout, tokens, plan, opts):
+def compress_blocks(model, layout, tokens, plan, opts, timings=None):
     """Compress in place the linears named in `plan` ({name: rank}); returns ModuleRecords."""
     blocks = model.get_submodule(layout.blocks_path)
-    calls, hidden = _prepare(model, blocks, tokens, opts)
+    calls, hidden = prepare_inputs(model, blocks, tokens, opts)
     records, groups = [], layout.groups
-    for i in tqdm(range(len(blocks)), desc="blocks", unit="block", disable=not opts.progress):
-        block, prefix = blocks[i], f"{layout.blocks_path}.{i}."
-        home = next(block.parameters()).device
-        block.to(opts.device)
-        forward = _block_forward(block, calls, i, opts.device)
-        if groups is None:
-            groups = trace_groups(block, lambda: forward(hidden[0]))
-            log.info("traced linear groups: %s", groups)
-        todo = [[n for n in g if prefix + n in plan] for g in groups]
-        with torch.no_grad():
-            if opts.sequential:
-                for group in todo:
-                    if group:
-                        moments = _collect(block, group[:1], hidden, forward, stop=True)[group[0]]
-                        for n in group:
-                            records.append(_compress_one(block, prefix, n, moments, plan, opts))
-            elif any(todo):
-                wanted = [n for g in todo for n in g[:1]]
-                shared = {n: g[0] for g in todo for n in g}
-                moments = _collect(block, wanted, hidden, forward, stop=False, outputs=True)
-                for n in shared:
-                    records.append(_compress_one(block, prefix, n, moments[shared[n]], plan, opts))
-            if opts.sequential or not any(todo):
-                for j, h in enumerate(tqdm(hidden, desc=f"block {i} outputs", leave=False,
-                                           disable=not opts.progress)):
-                    hidden[j] = forward(h).to(device=h.device, dtype=h.dtype)
-        _check_hidden(hidden, i)
-        block.to(home)
+    with activation_store(hidden, opts.activations, parse_dtype(opts.activations_dtype)) as store:
+        for i in tqdm(range(len(blocks)), desc="blocks", unit="block", disable=not opts.progress):
+            block = blocks[i]
+            home = next(block.parameters()).device
+            block.to(opts.device)
+            done, groups = compress_block(block, f"{layout.blocks_path}.{i}.", i, groups, calls, store, plan, opts,
+                                          timings)
+            records += done
+            store.end_block()
+            block.to(home)
     return records
 
 
-def _prepare(model, blocks, tokens, opts):
+def compress_block(block, prefix, i, groups, calls, hidden, plan, opts, timings=None):
+    """Compress block i (named `prefix`) in place and replace the hidden states by its outputs.
+
+    `hidden` is an activation store (llmrom.activations); `groups` are the layout's groups, or None
+    to trace them on this block. Returns (ModuleRecords, groups). `timings` (a dict) accumulates
+    seconds of forward passes (hooks included), covariance updates and factorizations.
+    """
+    timings = {} if timings is None else timings
+    forward = _block_forward(block, calls, i, opts.device, timings)
+    if groups is None:
+        groups = trace_groups(block, lambda: forward(hidden[0]))
+        log.info("traced linear groups: %s", groups)
+    todo = [[n for n in g if prefix + n in plan] for g in groups]
+    records = []
+    with torch.no_grad():
+        if opts.sequential:
+            for group in todo:
+                if group:
+                    moments = _collect(block, group[:1], hidden, forward, stop=True, timings=timings)[group[0]]
+                    for n in group:
+                        records.append(_compress_one(block, prefix, n, moments, plan, opts, timings))
+        elif any(todo):
+            wanted = [n for g in todo for n in g[:1]]
+            shared = {n: g[0] for g in todo for n in g}
+            moments = _collect(block, wanted, hidden, forward, stop=False, outputs=i, timings=timings)
+            for n in shared:
+                records.append(_compress_one(block, prefix, n, moments[shared[n]], plan, opts, timings))
+        if opts.sequential or not any(todo):
+            for j, h in enumerate(tqdm(hidden, desc=f"block {i} outputs", total=len(hidden), leave=False,
+                                       disable=not opts.progress)):
+                _store(hidden, j, forward(h), i)
+    return records, groups
+
+
+def prepare_inputs(model, blocks, tokens, opts):
     """Every block's call per micro-batch size, and the hidden states entering block 0."""
     batches = list(tokens.split(opts.batch_size))
     calls = {}
@@ -97,35 +116,43 @@ def _prepare(model, blocks, tokens, opts):
     return calls, [block0_input(model, blocks, b) for b in batches]
 
 
-def _block_forward(block, calls, i, device):
-    """forward(h, stop_ok): block i on `device` with its recorded call; None if a hook stopped it."""
+def _block_forward(block, calls, i, device, timings):
+    """forward(h, stop_ok): block i on `device` with its recorded call; None if a hook stopped it.
+    Stored hidden states (maybe bf16) are cast to the block's dtype."""
+    dtype = next(block.parameters()).dtype
     block_calls = {k: type(c[i])(to_device(c[i].args, device), to_device(c[i].kwargs, device))
                    for k, c in calls.items()}
 
     def forward(h, stop_ok=False):
+        t0 = time.perf_counter()
         try:
-            return run_block(block, h.to(device), block_calls[h.shape[0]])
+            return run_block(block, h.to(device=device, dtype=dtype), block_calls[h.shape[0]])
         except StopForward:
             if not stop_ok:
                 raise
             return None
+        finally:
+            timings["forward"] = timings.get("forward", 0.0) + time.perf_counter() - t0
     return forward
 
 
-def _collect(block, names, hidden, forward, stop, outputs=False):
+def _collect(block, names, hidden, forward, stop, outputs=None, timings=None):
     """Moments of the inputs of the named linears over all micro-batches.
 
-    stop=True ends each forward at the (single) named linear; outputs=True stores the full block
-    outputs back into `hidden` (used by the non-sequential variant, whose next inputs are dense).
+    stop=True ends each forward at the (single) named linear; outputs=i (the block's index) stores
+    the full block outputs back into `hidden` (the non-sequential variant, whose next inputs are dense).
     """
+    timings = {} if timings is None else timings
     moments, handles = {}, []
 
     def hook(name):
         def pre(mod, args):
             x = args[0]
+            t0 = time.perf_counter()
             if name not in moments:
                 moments[name] = Moments.zeros(x.shape[-1], x.device)
             moments[name].update(x)
+            timings["covariance"] = timings.get("covariance", 0.0) + time.perf_counter() - t0
             if stop:
                 raise StopForward
         return pre
@@ -135,16 +162,23 @@ def _collect(block, names, hidden, forward, stop, outputs=False):
             handles.append(block.get_submodule(n).register_forward_pre_hook(hook(n)))
         for j, h in enumerate(hidden):
             out = forward(h, stop_ok=stop)
-            if outputs:
-                hidden[j] = out.to(device=h.device, dtype=h.dtype)
+            if outputs is not None:
+                _store(hidden, j, out, outputs)
     finally:
         for hd in handles:
             hd.remove()
     return moments
 
 
-def _compress_one(block, prefix, name, moments, plan, opts):
+def _compress_one(block, prefix, name, moments, plan, opts, timings):
     t0 = time.perf_counter()
+    try:
+        return _factorize_into(block, prefix, name, moments, plan, opts, t0)
+    finally:
+        timings["factorize"] = timings.get("factorize", 0.0) + time.perf_counter() - t0
+
+
+def _factorize_into(block, prefix, name, moments, plan, opts, t0):
     full = prefix + name
     moments.check_finite(full)
     module = block.get_submodule(name)
@@ -175,29 +209,33 @@ def _compress_one(block, prefix, name, moments, plan, opts):
                         f.explained, f.relative_error, time.perf_counter() - t0)
 
 
-def _check_hidden(hidden, i):
-    for h in hidden:
-        if not torch.isfinite(h).all():
-            raise NonFiniteError(f"non-finite hidden states at the output of block {i}: the model overflows on "
-                                 "the calibration text in this dtype; load it in float32 (--dtype float32)")
+
+def _store(hidden, j, out, i):
+    """hidden[j] = out (in the store's dtype), refusing non-finite values (named by block i)."""
+    out = out.to(device="cpu", dtype=hidden.dtype)
+    if not torch.isfinite(out).all():
+        raise NonFiniteError(f"non-finite hidden states at the output of block {i}: the model overflows on "
+                             "the calibration text in this dtype; load it in float32 (--dtype float32)"
+                             + (" and keep --activations-dtype float32" if hidden.dtype != torch.float32 else ""))
+    hidden[j] = out
 
 
 def profile_moments(model, layout, tokens, opts):
     """Input moments of every group of every block of the DENSE model ({first linear: Moments})."""
     blocks = model.get_submodule(layout.blocks_path)
-    calls, hidden = _prepare(model, blocks, tokens, opts)
-    out = {}
+    calls, hidden = prepare_inputs(model, blocks, tokens, opts)
+    hidden = MemoryStore(hidden)
+    out, timings = {}, {}
     for i in tqdm(range(len(blocks)), desc="profiling", unit="block", disable=not opts.progress):
         block, prefix = blocks[i], f"{layout.blocks_path}.{i}."
         home = next(block.parameters()).device
         block.to(opts.device)
-        forward = _block_forward(block, calls, i, opts.device)
+        forward = _block_forward(block, calls, i, opts.device, timings)
         groups = layout.groups or trace_groups(block, lambda: forward(hidden[0]))
         with torch.no_grad():
-            moments = _collect(block, [g[0] for g in groups], hidden, forward, stop=False, outputs=True)
+            moments = _collect(block, [g[0] for g in groups], hidden, forward, stop=False, outputs=i)
         for g in groups:
             for n in g:
                 out[prefix + n] = moments[g[0]]
-        _check_hidden(hidden, i)
         block.to(home)
     return out

@@ -26,7 +26,7 @@ class Moments:
 
     def update(self, x):
         x = x.reshape(-1, x.shape[-1]).to(torch.float32)
-        self.xx += (x.T @ x).to(torch.float64)
+        self.xx.add_(x.T @ x)  # promoted to float64 in place: no float64 temporary of d x d
         self.x += x.sum(0, dtype=torch.float64)
         self.n += x.shape[0]
 

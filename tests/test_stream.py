@@ -1,0 +1,216 @@
+"""Streaming compression (llmrom.stream): same folder as in memory, bounded memory, resume after a kill."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from safetensors import safe_open
+
+import llmrom
+from llmrom import cli
+from llmrom.config import CompressConfig
+from llmrom.errors import LlmromError
+from llmrom.stream import Partial, compress_streaming
+
+from conftest import calib_tokens, tiny_model, trained_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+CFG = dict(last_blocks=2, module_budget=0.5, nsamples=12, seqlen=16, batch_size=5)
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("make_llama7b_shaped", ROOT / "scripts" / "make_llama7b_shaped.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def random_ckpt(tmp_path_factory):
+    """A few-MB bf16 LLaMA-shaped random checkpoint in 5 shards, written by the benchmark's script."""
+    out = tmp_path_factory.mktemp("ckpt") / "llama-random"
+    return _script().make(out, hidden=64, layers=3, intermediate=160, heads=4, kv_heads=2, vocab=320,
+                          shard_mb=0, tokenizer=True, progress=False)
+
+
+def sharded(family, folder):
+    tiny_model(family).save_pretrained(folder, max_shard_size="20KB")
+    assert len(list(folder.glob("*.safetensors"))) > 3
+    return folder
+
+
+def in_memory(folder, config, tokens, tmp_path):
+    """The ordinary path: load the whole model, compress, save, load the folder back."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, config.dtype)).eval()
+    model, report = llmrom.compress(model, None, config, progress=False, tokens=tokens)
+    loaded, _ = llmrom.load(llmrom.save(model, None, tmp_path / "in-memory", report))
+    return loaded, report
+
+
+def logits(folder, tokens):
+    model, _ = llmrom.load(folder)
+    with torch.no_grad():
+        return model(tokens).logits
+
+
+def tensors(folder):
+    out = {}
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        with safe_open(f, framework="pt") as st:
+            out.update({k: st.get_tensor(k) for k in st.keys()})
+    return out
+
+
+def same_folder(a, b):
+    """Byte-identical weights, index and config (the report differs only in timings)."""
+    names = sorted(p.name for p in Path(a).iterdir())
+    assert names == sorted(p.name for p in Path(b).iterdir())
+    for name in names:
+        if name.endswith((".safetensors", ".json")) and name != "llmrom_report.json":
+            assert (Path(a) / name).read_bytes() == (Path(b) / name).read_bytes(), name
+    ra, rb = (json.loads((Path(x) / "llmrom_report.json").read_text()) for x in (a, b))
+    strip = [{k: v for k, v in m.items() if k != "seconds"} for m in ra["modules"]]
+    assert strip == [{k: v for k, v in m.items() if k != "seconds"} for m in rb["modules"]]
+    assert ra["totals"]["parameters_after"] == rb["totals"]["parameters_after"]
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma3"])
+def test_streaming_equals_in_memory(family, tmp_path):
+    folder = sharded(family, tmp_path / "src")
+    tokens, config = calib_tokens(), CompressConfig(**CFG)
+    ref, ref_report = in_memory(folder, config, tokens, tmp_path)
+    report = compress_streaming(folder, tmp_path / "out", config, tokens=tokens, progress=False)
+    with torch.no_grad():
+        assert torch.equal(logits(tmp_path / "out", tokens), ref(tokens).logits)
+    assert report["totals"]["parameters_after"] == ref_report["totals"]["parameters_after"]
+    assert report["totals"]["macs_per_token_after"] == ref_report["totals"]["macs_per_token_after"]
+    assert [m["rank"] for m in report["modules"]] == [m["rank"] for m in ref_report["modules"]]
+    assert set(report["streaming"]["seconds"]) >= {"forward", "covariance", "factorize", "read", "write"}
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no partial folder left
+
+
+def test_random_checkpoint_streams_within_one_block_of_memory(random_ckpt, tmp_path):
+    """The CI version of the benchmark: bf16 shards from the script, disk activations in bf16."""
+    tokens = calib_tokens(n=10, seqlen=16)
+    config = CompressConfig(**{**CFG, "activations": "disk", "activations_dtype": "bfloat16"})
+    ref, _ = in_memory(random_ckpt, config, tokens, tmp_path)
+    skeleton = transformers.AutoModelForCausalLM.from_pretrained(random_ckpt)
+    embeddings = skeleton.model.embed_tokens.weight.numel()
+    one_block = sum(p.numel() for p in skeleton.model.layers[0].parameters())
+    events = []
+    compress_streaming(random_ckpt, tmp_path / "out", config, tokens=tokens, progress=False,
+                       monitor=lambda event, model, resident: events.append((event, resident)))
+    with torch.no_grad():
+        assert torch.equal(logits(tmp_path / "out", tokens), ref(tokens).logits)
+    assert max(r for _, r in events) <= embeddings + one_block
+    assert dict(events)["capture"] == embeddings  # the head is never read for the capture
+    assert [r for e, r in events if e == "block loaded"] == [one_block] * 3
+    assert all(r == 0 for e, r in events if e == "block released")
+    assert all(0 < r < one_block for e, r in events[-2:-1] if e == "block compressed")  # last block is compressed
+
+
+class Boom(Exception):
+    pass
+
+
+def test_resume_after_an_error_mid_block_gives_the_same_folder(tmp_path, monkeypatch):
+    folder = sharded("llama", tmp_path / "src")
+    tokens, config = calib_tokens(), CompressConfig(**{**CFG, "activations": "disk"})
+    compress_streaming(folder, tmp_path / "whole", config, tokens=tokens, progress=False)
+
+    import llmrom.stream as stream
+    real = stream.compress_block
+
+    def failing(block, prefix, i, *args, **kwargs):
+        if i == 1:
+            raise Boom
+        return real(block, prefix, i, *args, **kwargs)
+
+    monkeypatch.setattr(stream, "compress_block", failing)
+    out = tmp_path / "out"
+    with pytest.raises(Boom):
+        compress_streaming(folder, out, config, tokens=tokens, progress=False)
+    assert not out.exists()
+    partial = Partial(out).path
+    assert partial.is_dir() and not (partial / "config.json").exists()
+    assert json.loads((partial / "journal.json").read_text())["blocks_done"] == 1
+    with pytest.raises(LlmromError, match="--resume"):
+        compress_streaming(folder, out, config, tokens=tokens, progress=False)
+    with pytest.raises(LlmromError, match="different config"):
+        compress_streaming(folder, out, CompressConfig(**{**CFG, "module_budget": 0.4}), tokens=tokens,
+                           progress=False, resume=True)
+    monkeypatch.setattr(stream, "compress_block", real)
+    report = compress_streaming(folder, out, config, tokens=tokens, progress=False, resume=True)
+    assert report["streaming"]["sessions"] == 2
+    same_folder(out, tmp_path / "whole")
+    assert not partial.exists()
+    with pytest.raises(LlmromError, match="nothing to resume"):
+        compress_streaming(folder, tmp_path / "other", config, tokens=tokens, progress=False, resume=True)
+
+
+def test_resume_between_blocks_in_memory_activations(tmp_path):
+    folder = sharded("qwen2", tmp_path / "src")
+    tokens, config = calib_tokens(), CompressConfig(**CFG)
+    compress_streaming(folder, tmp_path / "whole", config, tokens=tokens, progress=False)
+    assert compress_streaming(folder, tmp_path / "out", config, tokens=tokens, progress=False, max_blocks=1) is None
+    assert not (tmp_path / "out").exists()
+    compress_streaming(folder, tmp_path / "out", config, tokens=tokens, progress=False, resume=True)
+    same_folder(tmp_path / "out", tmp_path / "whole")
+
+
+KILLER = """
+import os, signal, sys, torch
+sys.path.insert(0, {tests!r})
+from conftest import calib_tokens
+from llmrom.config import CompressConfig
+from llmrom.stream import compress_streaming
+seen = []
+def monitor(event, model, resident):
+    seen.append(event)
+    if event == {event!r} and seen.count(event) == {count}:
+        os.kill(os.getpid(), signal.SIGKILL)
+compress_streaming({src!r}, {out!r}, CompressConfig(**{cfg!r}), tokens=calib_tokens(), progress=False,
+                   monitor=monitor)
+"""
+
+
+@pytest.mark.parametrize("event,count", [("block compressed", 2), ("block loaded", 2)],
+                         ids=["mid-block", "between-blocks"])
+def test_sigkill_then_resume_gives_the_same_folder(event, count, tmp_path):
+    folder = sharded("llama", tmp_path / "src")
+    cfg = {**CFG, "activations": "cpu"}
+    compress_streaming(folder, tmp_path / "whole", CompressConfig(**cfg), tokens=calib_tokens(), progress=False)
+    out = tmp_path / "out"
+    code = KILLER.format(tests=str(ROOT / "tests"), event=event, count=count, src=str(folder), out=str(out), cfg=cfg)
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert res.returncode == -9, res.stderr[-2000:]
+    assert not out.exists()
+    assert not (Partial(out).path / "config.json").exists()
+    compress_streaming(folder, out, CompressConfig(**cfg), tokens=calib_tokens(), progress=False, resume=True)
+    same_folder(out, tmp_path / "whole")
+
+
+def test_cli_stream_and_its_refusals(random_ckpt, tmp_path, capsys):
+    fast = ["--nsamples", "6", "--seqlen", "32", "--batch-size", "4", "--calib", "pydoc"]
+    out = tmp_path / "o"
+    code = cli.main(["compress", str(random_ckpt), "--budget", "0.9", "--stream", "--out", str(out), *fast])
+    err = capsys.readouterr().err
+    assert code == 2 and "--last-blocks" in err and not out.exists()
+    code = cli.main(["compress", str(random_ckpt), "--last-blocks", "1", "--module-budget", "0.5", "--resume",
+                     "--out", str(out), *fast])
+    assert code == 2 and "add --stream" in capsys.readouterr().err
+    code = cli.main(["compress", str(random_ckpt), "--last-blocks", "2", "--budget", "0.95", "--stream",
+                     "--activations", "disk", "--activations-dtype", "float16", "--out", str(out), *fast])
+    stdout = capsys.readouterr().out
+    assert code == 0 and "streamed" in stdout and "forward" in stdout
+    model, tok = llmrom.load(out)
+    report = json.loads((out / "llmrom_report.json").read_text())
+    assert tok is not None and report["totals"]["kept_fraction"] <= 0.95
+    assert report["config"]["activations_dtype"] == "float16"
+    assert sum(p.numel() for p in model.parameters()) == report["totals"]["parameters_after"]
