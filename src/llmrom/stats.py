@@ -38,7 +38,7 @@ class Moments:
 
     def covariance(self):
         m = self.mean()
-        return self.second_moment() - torch.outer(m, m)
+        return self.second_moment().addr_(m, m, alpha=-1)  # in place: one d x d matrix, not three
 
     def check_finite(self, where):
         if self.n == 0:
