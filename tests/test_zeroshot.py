@@ -155,3 +155,15 @@ def test_smollm2_beats_chance_and_random_weights_do_not(task_file):
     # blocks; 0.19-0.25 with all 30 blocks). A bound between them with ~2 binomial sd either side:
     assert acc["acc"] >= 0.6 and acc["acc_norm"] >= 0.6, acc
     assert rnd["acc"] < 0.45 and rnd["acc_norm"] < 0.45, rnd
+
+
+def test_cli_eval_runs_local_tasks(tiny_folder, task_file, tmp_path, capsys):
+    from llmrom import cli
+    code = cli.main(["eval", str(tiny_folder), "--ppl", "none", "--no-speed", "--tasks", str(task_file),
+                     "--task-limit", "8", "--json", str(tmp_path / "r.json")])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    res = json.loads((tmp_path / "r.json").read_text())
+    r = res["zero_shot"]["tasks"][TASK]
+    assert r["samples"] == 8 and 0 <= r["acc"] <= 1 and "perplexity" not in res
+    assert f"{TASK} acc / acc_norm" in out and "zero-shot: lm-eval" in out
