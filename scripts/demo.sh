@@ -12,3 +12,6 @@ llmrom --log-level WARNING compress smollm2-135m --budget 0.9 --calib pydoc \
 echo
 llmrom info "$out" | head -n 12
 echo "... (llmrom info $out shows every module)"
+echo
+# fidelity to the dense model and measured speed, side by side in one run
+llmrom --log-level WARNING eval "$out" --windows 16

@@ -16,6 +16,7 @@ from .errors import LlmromError
 from .factorized import FactorizedLinear
 from .io import factorization_meta, load, save as _save_folder  # noqa: F401  (load is public)
 from .pipeline import LoopOptions, compress_blocks
+from .policies import plan_by_policy
 from .ranks import (LinearShape, check_budget, check_last_blocks, feasible_last_n, kept_params, last_blocks_plan,
                     module_budget_for, read_ranks_file)
 from .textdata import calibration_windows, load_text
@@ -53,7 +54,9 @@ def choose_plan(model, layout, shapes, total, tokens, cfg, opts):
         check_budget(cfg.budget, total, shapes)
     if cfg.last_blocks is not None:
         check_last_blocks(cfg.last_blocks, n_blocks)
-    if cfg.ranks_file:
+    if cfg.policy != "last-blocks" and cfg.budget < 1:
+        plan, info = plan_by_policy(cfg.policy, model, layout, shapes, total, cfg.budget, tokens, opts, cfg.centered)
+    elif cfg.ranks_file:
         plan, info = read_ranks_file(cfg.ranks_file, shapes), {"policy": "ranks-file", "file": cfg.ranks_file}
     elif cfg.last_blocks is not None and cfg.module_budget is not None:
         plan = last_blocks_plan(shapes, n_blocks, cfg.last_blocks, cfg.module_budget)

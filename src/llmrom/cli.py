@@ -50,6 +50,7 @@ def build_parser():
     _add_config_options(c)
     _add_stream_options(c)
 
+    _add_eval_parser(sub, PACKAGED_MODELS)
     _add_heal_parser(sub)
 
     i = sub.add_parser("info", help="show the ranks and savings of a compressed folder")
@@ -62,7 +63,7 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(levelname)s %(name)s: %(message)s")
     try:
-        return {"compress": cmd_compress, "info": cmd_info, "heal": cmd_heal}[args.command](args)
+        return {"compress": cmd_compress, "info": cmd_info, "eval": cmd_eval, "heal": cmd_heal}[args.command](args)
     except LlmromError as e:
         print(f"llmrom: error: {e}", file=sys.stderr)
         return 2
@@ -101,6 +102,7 @@ def cmd_compress(args):
     if args.export == "dense" and cfg.centered:
         api.check_dense_exportable(model)
     model, report = api.compress(model, tokenizer, cfg)
+    report["source"] = {"model": args.model, "gguf_file": args.gguf_file}
     if eval_text is not None:
         ppl["after"] = perplexity(model, windows, progress=True)
         report["evaluation"] = {"source": args.eval, "seqlen": args.eval_seqlen, "windows": len(windows),
@@ -151,6 +153,86 @@ def cmd_info(args):
         print(f"{m['name']:<45} {m['d_out']:>6}x{m['d_in']:<6} {rank:>6} "
               f"{m['params_before']:>8}->{m['params_after']:<8} {ev:>8} {er:>7}")
     return 0
+
+
+def _add_eval_parser(sub, packaged):
+    e = sub.add_parser("eval", help="perplexity, fidelity to the dense model, cost, speed and zero-shot tasks",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    e.add_argument("model", help="an llmrom folder, a Hugging Face folder, a .gguf file, a hub id, or a packaged "
+                                 "model: " + ", ".join(sorted(packaged)))
+    e.add_argument("--reference", default="auto",
+                   help="the dense model to compare with (fidelity, perplexity and cost side by side): a model as "
+                        "above; 'auto' takes the source recorded in an llmrom folder's report; 'none' skips it")
+    e.add_argument("--gguf-file", help="GGUF file name inside the MODEL folder")
+    e.add_argument("--ppl", default="python-docs:tutorial", metavar="SOURCE",
+                   help="held-out text for perplexity: pydoc, python-docs:SUBDIR, a file or folder, wikitext2/c4/ptb"
+                        "[:SPLIT]; 'none' skips perplexity and fidelity")
+    e.add_argument("--seqlen", type=int, default=512, help="tokens per perplexity window (e.g. 128, 512, 2048)")
+    e.add_argument("--windows", type=int, default=40, help="use the first N windows (0: all of the text)")
+    e.add_argument("--fidelity-windows", type=int, default=16, help="windows (the first of the perplexity ones) "
+                                                                    "for KL divergence and top-1 agreement")
+    e.add_argument("--tasks", default="", help="comma-separated lm-eval tasks (e.g. boolq,piqa or 'paper' for the "
+                                               "paper's six) and/or paths to local task YAML files or folders")
+    e.add_argument("--task-limit", type=int, help="evaluate at most N examples per task")
+    e.add_argument("--task-batch-size", type=int, default=8, help="lm-eval batch size")
+    e.add_argument("--speed", action=argparse.BooleanOptionalAction, default=True,
+                   help="measure prefill and greedy decoding speed (interleaved with the reference)")
+    e.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="dtype to load the models in")
+    e.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
+
+
+def cmd_eval(args):
+    import torch
+
+    from .cost import disk_bytes
+    from .evaluate import evaluate, format_results
+    from .io import REPORT_NAME, is_llmrom_folder, load_model, write_json_atomic
+
+    torch.set_grad_enabled(False)
+    for name in ("seqlen", "fidelity_windows", "task_batch_size"):
+        if getattr(args, name) < 1:
+            raise LlmromError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
+    if args.windows < 0:
+        raise LlmromError(f"--windows must be 0 (all) or a positive integer, got {args.windows}")
+    folder = Path(args.model).expanduser()
+    report = json.loads((folder / REPORT_NAME).read_text()) if (folder / REPORT_NAME).is_file() else {}
+    ppl = None if args.ppl.lower() == "none" else args.ppl
+    calib = report.get("config", {}).get("calib")
+    if ppl is not None and calib is not None and ppl == calib:
+        raise LlmromError(f"--ppl {ppl} is the text {folder} was calibrated on; evaluate on held-out text "
+                          "(e.g. --ppl python-docs:tutorial)")
+    reference = args.reference
+    if reference == "auto":
+        reference = report.get("source", {}).get("model") if is_llmrom_folder(folder) else None
+        if reference is None and is_llmrom_folder(folder):
+            log.warning("the report of %s records no source model; pass --reference DENSE for fidelity", folder)
+    elif reference.lower() == "none":
+        reference = None
+    log.info("loading %s", args.model)
+    model, tokenizer = load_model(args.model, args.gguf_file, args.dtype)
+    ref_model, ref_disk = None, None
+    if reference is not None:
+        log.info("loading the reference %s", reference)
+        ref_model, _ = load_model(reference, report.get("source", {}).get("gguf_file") if args.reference == "auto"
+                                  else None, args.dtype)
+        ref_path = Path(reference).expanduser()
+        ref_disk = disk_bytes(ref_path) if ref_path.is_dir() and any(ref_path.glob("*.safetensors")) else None
+    tasks = [t for t in args.tasks.split(",") if t.strip()]
+    res = evaluate(model, tokenizer, reference=ref_model, ppl=ppl, seqlen=args.seqlen,
+                   max_windows=args.windows or None, fidelity_windows=args.fidelity_windows, tasks=tasks,
+                   task_options={"limit": args.task_limit, "batch_size": args.task_batch_size},
+                   speed=args.speed, disk=disk_bytes(folder) if folder.is_dir() and any(folder.glob("*.safetensors"))
+                   else None, reference_disk=ref_disk)
+    res["model"]["source"] = args.model
+    if reference is not None:
+        res["reference"]["source"] = reference
+    print(format_results(res))
+    if args.json:
+        write_json_atomic(Path(args.json), res)
+        print(f"results written to {args.json}")
+    return 0
+
 
 
 def _add_heal_parser(sub):
@@ -252,33 +334,6 @@ def cmd_heal(args):
               f"{e['perplexity_before']:.3f} -> {e['perplexity_after']:.3f} (best at step {e['best_step']})")
     print(f"training {record['train_seconds']:.0f} s, peak RSS {record['peak_rss_bytes'] / 2**30:.2f} GiB")
     print(f"saved to {out}")
-    return 0
-
-
-def _add_stream_options(p):
-    p.add_argument("--stream", action="store_true",
-                   help="read, compress and write one block at a time from a safetensors folder (memory: one block, "
-                        "its statistics and the hidden states); needs --last-blocks or --ranks-file. Not automatic: "
-                        "without it the model is loaded whole")
-    p.add_argument("--resume", action="store_true",
-                   help="continue an interrupted --stream run from its last finished block (same options)")
-
-
-def _compress_streaming(args, cfg, out):
-    from .stream import compress_streaming
-    if not args.stream:
-        raise LlmromError("--resume continues a --stream run; add --stream")
-    if args.export != "factorized" or args.eval or args.gguf_file:
-        raise LlmromError("--stream writes the factorized export without --eval or --gguf-file; drop those options "
-                          "(evaluate the output folder afterwards)")
-    report = compress_streaming(args.model, out, cfg, resume=args.resume, overwrite=args.overwrite)
-    t = report["totals"]
-    print(f"parameters: {t['parameters_before']:,} -> {t['parameters_after']:,} "
-          f"(kept {t['kept_fraction']:.4f}, budget {cfg.budget})")
-    print(f"plan: {_plan_line(report['plan'])}")
-    print(f"wall time {t['wall_seconds']:.0f} s, peak RSS {t['peak_rss_bytes'] / 2**30:.2f} GiB; seconds by step: "
-          + ", ".join(f"{k} {v:.0f}" for k, v in report["streaming"]["seconds"].items()))
-    print(f"saved to {out} (factorized, streamed)")
     return 0
 
 

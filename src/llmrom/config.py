@@ -21,7 +21,11 @@ class CompressConfig:
     module_budget: float | None = _f(None, "fraction of each compressed matrix's parameters kept, in (0, 1): "
                                            "rank = floor(b * d_in * d_out / (d_in + d_out))")
     ranks_file: str | None = _f(None, "JSON object {module name: rank} giving every rank explicitly")
-    method: str = _f("rom", "factorization: rom (the paper's output PCA) or svd (plain weight SVD baseline)")
+    policy: str = _f("last-blocks", "how --budget is spread over the linears: last-blocks (the paper's), welore "
+                                    "(ranks from each weight's singular values, flat spectra kept dense) or global "
+                                    "(ranks across all blocks by calibration output energy per parameter)")
+    method: str = _f("rom", "factorization: rom (the paper's output PCA), svd (plain weight SVD baseline) or "
+                            "whitened_svd (SVD-LLM's activation-whitened SVD baseline)")
     centered: bool = _f(True, "PCA of mean-centred outputs, with the mean of the dropped directions restored in "
                               "a bias (counted in the budget). On by default: at equal budget it beat uncentred "
                               "PCA on SmolLM2 (perplexity 24.1 vs 26.9, bench/results); --no-centered is the "
@@ -54,6 +58,13 @@ class CompressConfig:
                               "or --ranks-file FILE")
         if self.ranks_file is not None and (self.last_blocks is not None or self.module_budget is not None):
             raise LlmromError("--ranks-file gives every rank; do not combine it with --last-blocks/--module-budget")
+        from .policies import POLICIES
+        if self.policy not in POLICIES:
+            raise LlmromError(f"unknown --policy {self.policy!r}; choose one of {sorted(POLICIES)}")
+        if self.policy != "last-blocks" and (self.budget is None or self.last_blocks is not None
+                                             or self.module_budget is not None or self.ranks_file is not None):
+            raise LlmromError(f"--policy {self.policy} spreads --budget over every block; give --budget alone "
+                              "(no --last-blocks, --module-budget or --ranks-file)")
         from .methods import METHODS
         if self.method not in METHODS:
             raise LlmromError(f"unknown --method {self.method!r}; choose one of {sorted(METHODS)}")

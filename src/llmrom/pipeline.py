@@ -37,6 +37,7 @@ class ModuleRecord:
     relative_error: float | None
     seconds: float
     note: str = ""
+    explained_curve: list | None = None  # explained variance at ranks CURVE_FRACTIONS * min(d_in, d_out)
 
     def to_dict(self):
         return asdict(self)
@@ -206,8 +207,18 @@ def _factorize_into(block, prefix, name, moments, plan, opts, t0):
     bias = shape.d_out if module.bias is not None else 0
     params_before, params_after = shape.dense_params + bias, shape.factor_params(rank) + bias
     return ModuleRecord(full, shape.d_in, shape.d_out, rank, params_before, params_after,
-                        f.explained, f.relative_error, time.perf_counter() - t0)
+                        f.explained, f.relative_error, time.perf_counter() - t0,
+                        explained_curve=explained_curve(f.spectrum, min(shape.d_in, shape.d_out)))
 
+
+CURVE_FRACTIONS = (0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+
+
+def explained_curve(spectrum, full_rank):
+    """Fraction of the output variance kept at rank round(f * full_rank) for f in CURVE_FRACTIONS."""
+    s = spectrum.clamp_min(0).double()
+    cum = s.cumsum(0) / s.sum() if float(s.sum()) > 0 else torch.ones_like(s)
+    return [round(float(cum[max(1, round(f * full_rank)) - 1]), 6) for f in CURVE_FRACTIONS]
 
 
 def _store(hidden, j, out, i):

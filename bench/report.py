@@ -1,0 +1,160 @@
+"""Tables, plots and README's Results section from the benchmark's results files.
+
+    python bench/report.py [--runs bench/results/runs] [--readme README.md]
+
+Writes bench/results/summary.md, bench/results/ppl_vs_params.png, and per model
+ranks_<model>.png (rank of every linear, default variant, each budget) and
+explained_<model>.png (explained output variance against rank, averaged per kind of linear).
+Every number in the README's Results section comes from these files.
+"""
+
+import argparse
+import json
+import re
+from collections import defaultdict
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+HERE = Path(__file__).parent
+BEGIN, END = "<!-- results:begin (bench/report.py writes this) -->", "<!-- results:end -->"
+
+
+def load_runs(folder):
+    runs = [json.loads(p.read_text()) for p in sorted(Path(folder).glob("*.json"))]
+    by_model = defaultdict(list)
+    for r in runs:
+        by_model[Path(r["model"]).name.removesuffix(".gguf")].append(r)
+    return by_model
+
+
+def _order(r):
+    return (-r["budget"], r["variant"] != "rom", r["variant"])
+
+
+def table(model, runs):
+    dense = next((r for r in runs if r["variant"] == "dense"), None)
+    lines = [f"#### {model}", "",
+             "| budget | variant | last N blocks x module budget, or policy | kept | perplexity | KL | top-1 | prefill x | decode x "
+             "| compress s | peak RSS GiB |", "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    if dense is not None:
+        e = dense["eval"]
+        lines.append(f"| 1 | dense | - | {e['model']['parameters']:,} | {e['perplexity']['model']:.3f} | 0 | 1 | 1 | 1 "
+                     "| - | - |")
+    for r in sorted((r for r in runs if r["variant"] != "dense"), key=_order):
+        e, t, plan = r["eval"], r["totals"], r["plan"]
+        speed = e.get("speed")
+        px = f"{speed['model']['prefill_tokens_per_s'] / speed['reference']['prefill_tokens_per_s']:.2f}" if speed else "-"
+        dx = f"{speed['model']['decode_tokens_per_s'] / speed['reference']['decode_tokens_per_s']:.2f}" if speed else "-"
+        where = (f"{plan['last_blocks']} x {plan['module_budget']:.3f}" if "last_blocks" in plan else
+                 f"{plan['policy']}: {plan.get('modules_factorized')} factorized")
+        lines.append(f"| {r['budget']:g} | {r['variant']} | {where} "
+                     f"| {t['kept_fraction']:.4f} | {e['perplexity']['model']:.3f} | {e['fidelity']['kl_mean']:.3f} "
+                     f"| {e['fidelity']['top1_agreement']:.3f} | {px} | {dx} | {r['compress_seconds']:.0f} "
+                     f"| {r['peak_rss_bytes_during_compression'] / 2**30:.2f} |")
+    return "\n".join(lines)
+
+
+def plot_ppl(by_model, path):
+    fig, axes = plt.subplots(1, len(by_model), figsize=(5 * len(by_model), 4), squeeze=False)
+    for ax, (model, runs) in zip(axes[0], sorted(by_model.items())):
+        dense = [r for r in runs if r["variant"] == "dense"]
+        for variant in sorted({r["variant"] for r in runs} - {"dense"}):
+            pts = sorted((r["totals"]["kept_fraction"], r["eval"]["perplexity"]["model"])
+                         for r in runs if r["variant"] == variant)
+            ax.plot(*zip(*pts), marker="o", label=variant)
+        if dense:
+            ax.axhline(dense[0]["eval"]["perplexity"]["model"], color="k", ls="--", lw=1, label="dense")
+        ax.set(title=model, xlabel="fraction of parameters kept", ylabel="perplexity (tutorial, 512)", yscale="log")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_ranks(model, runs, path):
+    fig, ax = plt.subplots(figsize=(10, 3.5))
+    for r in sorted((r for r in runs if r["variant"] == "rom"), key=_order):
+        mods = r["modules"]
+        ax.plot(range(len(mods)), [m["rank"] or 0 for m in mods], marker=".", lw=0.8, label=f"budget {r['budget']:g}")
+    ax.set(title=f"{model}: rank per compressed linear (default variant; 0 = kept dense)",
+           xlabel="compressed linear, in block order", ylabel="rank")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_explained(model, runs, path):
+    from llmrom.pipeline import CURVE_FRACTIONS
+    r = max((r for r in runs if r["variant"] == "rom"), key=lambda r: len(r["modules"]), default=None)
+    if r is None:
+        return False
+    kinds = defaultdict(list)
+    for m in r["modules"]:
+        if m["explained_curve"]:
+            kinds[m["name"].rsplit(".", 1)[-1]].append(m["explained_curve"])
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for kind, curves in sorted(kinds.items()):
+        mean = [sum(c[i] for c in curves) / len(curves) for i in range(len(CURVE_FRACTIONS))]
+        ax.plot(CURVE_FRACTIONS, mean, marker=".", label=f"{kind} ({len(curves)})")
+    ax.set(title=f"{model}: output variance explained vs rank (budget {r['budget']:g} run)",
+           xlabel="rank / min(d_in, d_out)", ylabel="explained variance", ylim=(0, 1.01))
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def protocol_text(by_model):
+    any_run = next(r for runs in by_model.values() for r in runs)
+    p, env = any_run["protocol"], any_run["environment"]
+    return (f"Protocol: calibration {p['calibration']}; evaluation {p['evaluation']}, perplexity = exp(mean "
+            f"next-token cross-entropy); KL(dense || compressed) and top-1 agreement on the first "
+            f"{p['fidelity_windows']} evaluation windows; "
+            + (f"prefill/decode columns are speed ratios to the dense model measured interleaved in the same process "
+               f"({p['speed_rounds']} rounds). " if p["speed_rounds"] else "speed not measured in this run. ")
+            + f"Machine: {env['machine']}, "
+            f"{env['threads']} threads, torch {env['torch']}, transformers {env['transformers']}, "
+            f"llmrom {env['llmrom']}.")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--runs", default=str(HERE / "results" / "runs"))
+    ap.add_argument("--out", default=str(HERE / "results"))
+    ap.add_argument("--readme", default=str(HERE.parent / "README.md"), help="README to update ('' for none)")
+    args = ap.parse_args(argv)
+    by_model = load_runs(args.runs)
+    if not by_model:
+        raise SystemExit(f"no results files in {args.runs}; run bench/run.py first")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    plot_ppl(by_model, out / "ppl_vs_params.png")
+    parts = [protocol_text(by_model), "", "![perplexity vs kept parameters](bench/results/ppl_vs_params.png)", ""]
+    for model, runs in sorted(by_model.items()):
+        parts += [table(model, runs), ""]
+        if any(r["variant"] == "rom" for r in runs):
+            plot_ranks(model, runs, out / f"ranks_{model}.png")
+            plot_explained(model, runs, out / f"explained_{model}.png")
+            parts += [f"![ranks]({'bench/results/'}ranks_{model}.png) "
+                      f"![explained variance](bench/results/explained_{model}.png)", ""]
+    summary = "\n".join(parts)
+    (out / "summary.md").write_text(summary + "\n")
+    if args.readme:
+        readme = Path(args.readme)
+        text = readme.read_text()
+        if BEGIN not in text:
+            raise SystemExit(f"{readme} has no '{BEGIN}' marker; add the markers where the results go")
+        text = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _: f"{BEGIN}\n{summary}\n{END}", text,
+                      flags=re.S)
+        readme.write_text(text)
+    print(summary)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,170 @@
+"""The benchmark: models x budgets x method variants, side by side, one results file per run.
+
+    python bench/run.py                       # the three real models, budgets 0.9 0.8 0.7 0.5, all variants
+    python bench/run.py --models smollm2-135m --budgets 0.8 --variants rom,svd
+    python bench/report.py                    # tables, plots and README's Results section from the files
+
+Protocol (pinned; printed into every file): calibration on CPython's built-in pydoc topics, 128
+windows x 128 tokens at seeded random offsets (seed 0; --nsamples 512 is the paper's setting); evaluation on the Python tutorial (Debian
+python3.11-doc, disjoint from the calibration text), first 40 non-overlapping windows of 512
+tokens, perplexity = exp(mean next-token cross-entropy); fidelity on the first 8 of those windows
+against the dense model; speed (off by default) interleaved with the dense model in the same process.
+
+For each budget the default variant picks the number of compressed blocks N automatically; every
+other variant compresses the same N blocks with its module budget solved to meet the same
+whole-model budget, so rows of one budget differ only in the method (except svd-llm, which keeps
+SVD-LLM's own policy, one ratio for every matrix of every block, and the rank-policy variants
+rom-welore and rom-global, which spread the budget over all blocks their own way). Each run starts from a fresh
+copy of the dense weights. Runs whose file exists are skipped, so an interrupted benchmark resumes.
+"""
+
+import argparse
+import copy
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import llmrom
+from llmrom.arch import find_blocks
+from llmrom.config import CompressConfig
+from llmrom.cost import peak_rss_bytes, reset_peak_rss
+from llmrom.evaluate import environment, evaluate
+from llmrom.io import write_json_atomic
+from llmrom.textdata import calibration_windows, load_text
+
+RESULTS = Path(__file__).parent / "results"
+MODELS = ("smollm2-135m", "gemma3-270m", "qwen2.5-coder-0.5b")
+BUDGETS = (0.9, 0.8, 0.7, 0.5)
+VARIANTS = {  # name: CompressConfig fields that differ from the defaults
+    "rom": {},  # the shipped default: centred, sequential output PCA
+    "rom-uncentred": {"centered": False},  # the paper's own form
+    "rom-nonseq": {"sequential": False},  # calibrated on the dense model's activations
+    "svd": {"method": "svd", "centered": False, "sequential": False},  # data-free weight SVD baseline
+    # SVD-LLM (W): whitened SVD, the same ratio for every matrix of every block, dense activations
+    "svd-llm": {"method": "whitened_svd", "centered": False, "sequential": False, "last_blocks": "all"},
+    "rom-welore": {"policy": "welore"},  # ROM with WeLore's spectrum-based ranks over all blocks
+    "rom-global": {"policy": "global"},  # ROM with data-aware ranks over all blocks
+}
+
+
+def same_blocks(variant):
+    """Whether the variant compresses the blocks the default variant chose (else it has its own policy)."""
+    return not {"last_blocks", "policy"} & set(VARIANTS[variant])
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default=",".join(MODELS), help="comma-separated models (packaged names or paths)")
+    ap.add_argument("--budgets", default=",".join(map(str, BUDGETS)))
+    ap.add_argument("--variants", default=",".join(VARIANTS), help=f"any of {', '.join(VARIANTS)}")
+    ap.add_argument("--calib", default="pydoc")
+    ap.add_argument("--eval", default="python-docs:tutorial")
+    ap.add_argument("--nsamples", type=int, default=128,
+                    help="calibration windows (the committed results use 128 to fit a 2-core machine; "
+                         "512 is the paper's setting and llmrom compress's default, at 4x the time)")
+    ap.add_argument("--seqlen", type=int, default=128)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--eval-seqlen", type=int, default=512)
+    ap.add_argument("--eval-windows", type=int, default=40)
+    ap.add_argument("--fidelity-windows", type=int, default=8)
+    ap.add_argument("--speed-rounds", type=int, default=0,
+                    help="interleaved speed rounds against the dense model (0 skips them: on a shared 2-core "
+                         "machine the ratios are noise; measure speed with `llmrom eval` on a quiet machine)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=str(RESULTS / "runs"))
+    ap.add_argument("--force", action="store_true", help="re-run runs whose file exists")
+    args = ap.parse_args(argv)
+    unknown = [v for v in args.variants.split(",") if v not in VARIANTS]
+    if unknown:
+        ap.error(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
+    if args.eval == args.calib:
+        ap.error("--eval must be held-out text, different from --calib")
+    return args
+
+
+def stem(model):
+    return Path(model).name.removesuffix(".gguf") if ("/" in model or model.endswith(".gguf")) else model
+
+
+def protocol(args):
+    return {"calibration": f"{args.calib}: {args.nsamples} windows x {args.seqlen} tokens, seed {args.seed}",
+            "evaluation": f"{args.eval}: first {args.eval_windows} windows x {args.eval_seqlen} tokens",
+            "fidelity_windows": args.fidelity_windows, "speed_rounds": args.speed_rounds}
+
+
+def eval_kwargs(args):
+    return dict(ppl=args.eval, seqlen=args.eval_seqlen, max_windows=args.eval_windows,
+                fidelity_windows=args.fidelity_windows, speed=args.speed_rounds > 0,
+                speed_rounds=max(args.speed_rounds, 1), progress=False)
+
+
+def run_model(model_name, args, out):
+    t0 = time.perf_counter()
+    dense, tok = llmrom.load_model(model_name)
+    load_seconds = time.perf_counter() - t0
+    n_blocks = len(find_blocks(dense)[1])
+    tokens = calibration_windows(tok, load_text(args.calib), args.nsamples, args.seqlen, args.seed)
+    name = stem(model_name)
+    dense_file = out / f"{name}_dense.json"
+    if dense_file.exists() and not args.force:
+        dense_res = json.loads(dense_file.read_text())
+    else:
+        dense_res = {"model": model_name, "variant": "dense", "budget": 1.0, "protocol": protocol(args),
+                     "load_seconds": load_seconds, "eval": evaluate(dense, tok, **eval_kwargs(args)),
+                     "environment": environment()}
+        write_json_atomic(dense_file, dense_res)
+    dense_ppl = dense_res["eval"]["perplexity"]["model"]
+    print(f"{name}: dense perplexity {dense_ppl:.3f}", flush=True)
+    for budget in [float(b) for b in args.budgets.split(",")]:
+        last_n = None
+        for variant in args.variants.split(","):
+            path = out / f"{name}_{budget:g}_{variant}.json"
+            if path.exists() and not args.force:
+                if same_blocks(variant):
+                    last_n = last_n or json.loads(path.read_text())["plan"]["last_blocks"]
+                continue
+            fields = {"budget": budget, "calib": args.calib, "nsamples": args.nsamples, "seqlen": args.seqlen,
+                      "seed": args.seed, "batch_size": args.batch_size, **VARIANTS[variant]}
+            if fields.get("last_blocks") == "all":
+                fields["last_blocks"] = n_blocks
+            elif last_n is not None and same_blocks(variant):
+                fields["last_blocks"] = last_n
+            cfg = CompressConfig(**fields)
+            model = copy.deepcopy(dense)
+            reset_peak_rss()
+            t1 = time.perf_counter()
+            model, report = llmrom.compress(model, tok, cfg, tokens=tokens, progress=sys.stderr.isatty())
+            seconds, rss = time.perf_counter() - t1, peak_rss_bytes()
+            if same_blocks(variant):
+                last_n = last_n or report["plan"]["last_blocks"]
+            res = evaluate(model, tok, reference=dense, reference_perplexity=dense_ppl, **eval_kwargs(args))
+            row = {"model": model_name, "variant": variant, "budget": budget, "protocol": protocol(args),
+                   "config": report["config"], "plan": report["plan"], "totals": report["totals"],
+                   "compress_seconds": seconds, "peak_rss_bytes_during_compression": rss,
+                   "peak_rss_note": "whole process: includes the dense model kept resident for evaluation",
+                   "modules": [{k: m[k] for k in ("name", "d_in", "d_out", "rank", "params_before", "params_after",
+                                                   "explained_variance", "relative_error", "explained_curve")}
+                               for m in report["modules"]],
+                   "eval": res, "environment": environment()}
+            write_json_atomic(path, row)
+            print(f"{name} budget {budget:g} {variant}: kept {report['totals']['kept_fraction']:.4f}, "
+                  f"perplexity {res['perplexity']['model']:.3f}, KL {res['fidelity']['kl_mean']:.4f}, "
+                  f"{seconds:.0f} s, peak RSS {rss / 2**30:.2f} GiB", flush=True)
+            del model
+    del dense
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    torch.set_grad_enabled(False)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for model_name in args.models.split(","):
+        run_model(model_name, args, out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,59 @@
+"""A tiny smoke run of the benchmark (bench/run.py + bench/report.py): files, budgets, resume, README."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).parent.parent / "bench"
+
+
+def bench_module(name):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_benchmark_smoke(tiny_folder, tmp_path):
+    held = tmp_path / "held.txt"
+    held.write_text("Held-out evaluation text, different from the calibration text. " * 300)
+    runs = tmp_path / "runs"
+    argv = ["--models", str(tiny_folder), "--budgets", "0.9,0.8", "--variants", "rom,svd,svd-llm", "--nsamples", "8",
+            "--seqlen", "32", "--batch-size", "4", "--eval", str(held), "--eval-seqlen", "64", "--eval-windows", "3",
+            "--fidelity-windows", "2", "--speed-rounds", "1", "--out", str(runs)]
+    bench_module("run").main(argv)
+    name = tiny_folder.name
+    files = sorted(p.name for p in runs.glob("*.json"))
+    assert files == sorted([f"{name}_dense.json"] + [f"{name}_{b}_{v}.json" for b in ("0.9", "0.8")
+                                                     for v in ("rom", "svd", "svd-llm")])
+    for budget in (0.9, 0.8):
+        rom, svd = (json.loads((runs / f"{name}_{budget:g}_{v}.json").read_text()) for v in ("rom", "svd"))
+        assert rom["plan"]["last_blocks"] == svd["plan"]["last_blocks"]  # same blocks, only the method differs
+        svd_llm = json.loads((runs / f"{name}_{budget:g}_svd-llm.json").read_text())
+        assert svd_llm["plan"]["last_blocks"] == 2 and svd_llm["config"]["method"] == "whitened_svd"
+        assert svd_llm["totals"]["kept_fraction"] <= budget
+        for r in (rom, svd):
+            assert r["totals"]["kept_fraction"] <= budget
+            assert r["eval"]["fidelity"]["kl_mean"] >= 0 and r["peak_rss_bytes_during_compression"] > 0
+            assert r["protocol"]["calibration"].startswith("pydoc: 8 windows x 32")
+            assert all(len(m["explained_curve"]) == 14 for m in r["modules"] if m["rank"])
+    stamp = {p: p.stat().st_mtime_ns for p in runs.glob("*.json")}
+    bench_module("run").main(argv)  # resumes: nothing is re-run
+    assert {p: p.stat().st_mtime_ns for p in runs.glob("*.json")} == stamp
+
+    readme = tmp_path / "README.md"
+    report = bench_module("report")
+    readme.write_text(f"# x\n\n{report.BEGIN}\nold\n{report.END}\n\nafter\n")
+    report.main(["--runs", str(runs), "--out", str(tmp_path / "results"), "--readme", str(readme)])
+    for png in ("ppl_vs_params.png", f"ranks_{name}.png", f"explained_{name}.png"):
+        assert (tmp_path / "results" / png).stat().st_size > 1000
+    text = readme.read_text()
+    assert "old" not in text and text.endswith("after\n") and "| 0.8 | svd |" in text and "| 1 | dense |" in text
+    assert (tmp_path / "results" / "summary.md").read_text().strip() in text
+
+
+def test_benchmark_refuses_evaluating_on_the_calibration_text():
+    with pytest.raises(SystemExit):
+        bench_module("run").parse_args(["--calib", "pydoc", "--eval", "pydoc"])
