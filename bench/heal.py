@@ -125,7 +125,7 @@ def main():
                                   "machine": platform.machine()},
                   "runs": [], "not_run": []}
         name = f"heal_{args.model}_{budget}"
-        jobs = [("compressed", m) for m in modes] + ([("dense", m) for m in modes] if args.dense else [])
+        jobs = [(w, m) for m in modes for w in (("compressed", "dense") if args.dense else ("compressed",))]
         for which, mode in jobs:
             model = llmrom.load(folder)[0] if which == "compressed" else copy.deepcopy(dense)
             cfg = HealConfig(**MODES[mode], **common)
