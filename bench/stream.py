@@ -130,6 +130,7 @@ def main():
         "matmul_fp32_peak_gflops": round(peak, 1),
         "matrix_product_gflop": round(flops / 1e9, 1) if flops else None,
         "achieved_gflops_in_compute_steps": round(flops / 1e9 / compute, 1) if flops and compute else None,
+        "load_average_at_end": os.getloadavg(),
         "machine": {"cpus": os.cpu_count(), "processor": platform.processor(), "torch": torch.__version__,
                     "threads": torch.get_num_threads(), "transformers": transformers.__version__},
     }

@@ -432,6 +432,9 @@ def _finish(skeleton, tokenizer, folder, out, part, ckpt, ties, layout, n, confi
     after = {"parameters": count_params(skeleton), "macs_per_token": macs_per_token(skeleton)}
     report = build_report(config, plan_info, tokens, before, after, records, part.journal["wall_seconds"],
                           part.journal["peak_rss_bytes"])
+    for r in records:
+        if r.rank is None:
+            log.warning("%s", f"{r.name}: {r.note}")
     report["streaming"] = {"source": str(folder), "activations": config.activations,
                            "sessions": part.journal["sessions"], "seconds": _time_split(timings)}
     for f in (*FILES, JOURNAL_NAME, "lock"):
