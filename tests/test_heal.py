@@ -52,6 +52,18 @@ def factor_names(model):
             for k, _ in m.named_parameters()}
 
 
+def test_heal_trains_when_gradients_are_off_globally(compressed, tok, texts):
+    """The CLI's other commands switch autograd off for the process; heal must not depend on it."""
+    model = copy.deepcopy(compressed[0])
+    before = params_of(model)
+    torch.set_grad_enabled(False)
+    try:
+        rec = heal(model, tok, texts[0], HealConfig(mode="factors", lr=1e-3, **FAST), progress=False)
+    finally:
+        torch.set_grad_enabled(True)
+    assert rec["steps"] > 0 and any(not torch.equal(v, before[k]) for k, v in params_of(model).items())
+
+
 @pytest.mark.parametrize("mode", ["factors", "lora"])
 def test_only_the_factors_change_and_the_size_stays(compressed, tok, texts, mode):
     model = copy.deepcopy(compressed[0])

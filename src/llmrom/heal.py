@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .cost import count_params
+from .cost import count_params, peak_rss_bytes, reset_peak_rss
 from .errors import LlmromError, NonFiniteError
 from .factorized import FactorizedLinear
 from .lora import GGPO, add_adapters, merge_adapters
@@ -164,28 +164,6 @@ def batch_at(windows, position, batch_size, seed):
     return windows[rows]
 
 
-# ---- peak memory of this run ------------------------------------------------------------------------
-
-def reset_peak_rss():
-    """Reset the kernel's high-water mark of this process (Linux), so the peak is this run's."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
-
-def peak_rss_bytes():
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    from .cost import peak_rss_bytes as lifetime_peak
-    return lifetime_peak()
-
-
 # ---- the loop -------------------------------------------------------------------------------------
 
 def factorized_names(model, pattern=None):
@@ -222,6 +200,7 @@ def _save_checkpoint(folder, state):
     os.replace(tmp, folder / CHECKPOINT_FILE)
 
 
+@torch.enable_grad()  # callers (the CLI, other library calls) may have switched gradients off globally
 def heal(model, tokenizer, train_text, cfg: HealConfig, eval_windows=None, modules=None, progress=True,
          checkpoint_dir=None, resume=False, on_step=None):
     """Fine-tune `model` in place; returns the `heal` record for the report.
