@@ -42,7 +42,7 @@ def table(model, runs):
              "| compress s | peak RSS GiB |", "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     if dense is not None:
         e = dense["eval"]
-        lines.append(f"| 1 | dense | - | {e['model']['parameters']:,} | {e['perplexity']['model']:.3f} | 0 | 1 | 1 | 1 "
+        lines.append(f"| 1 | dense | - | {e['model']['parameters']:,} | {e['perplexity']['model']:.3f} | 0 | 1 | - | - "
                      "| - | - |")
     for r in sorted((r for r in runs if r["variant"] != "dense"), key=_order):
         e, t, plan = r["eval"], r["totals"], r["plan"]
@@ -78,14 +78,24 @@ def plot_ppl(by_model, path):
 def plot_ranks(model, runs, path):
     fig, ax = plt.subplots(figsize=(10, 3.5))
     for r in sorted((r for r in runs if r["variant"] == "rom"), key=_order):
-        mods = r["modules"]
-        ax.plot(range(len(mods)), [m["rank"] or 0 for m in mods], marker=".", lw=0.8, label=f"budget {r['budget']:g}")
+        xs, per_block = [], defaultdict(list)
+        for m in r["modules"]:
+            per_block[_block_of(m["name"])].append(m)
+        for b, mods in per_block.items():
+            xs += [b + j / len(mods) for j in range(len(mods))]
+        ax.plot(xs, [m["rank"] or 0 for ms in per_block.values() for m in ms], marker=".", lw=0.8,
+                label=f"budget {r['budget']:g}")
     ax.set(title=f"{model}: rank per compressed linear (default variant; 0 = kept dense)",
-           xlabel="compressed linear, in block order", ylabel="rank")
+           xlabel="block (linears of a block in execution order within it)", ylabel="rank")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _block_of(name):
+    """The block index in a module name like model.layers.12.mlp.down_proj."""
+    return int(re.search(r"\.(\d+)\.", name).group(1))
 
 
 def plot_explained(model, runs, path):
