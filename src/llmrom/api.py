@@ -1,11 +1,7 @@
 """The public verbs: compress(), save(), load() (re-exported by llmrom)."""
 
 import logging
-import platform
 import time
-
-import torch
-import transformers
 
 from . import __version__
 from .arch import layout_for, weight_matrix, is_linear
@@ -13,6 +9,7 @@ from .autoplan import choose_last_n
 from .config import CompressConfig
 from .cost import count_params, macs_per_token, peak_rss_bytes
 from .errors import LlmromError
+from .evaluate import environment
 from .factorized import FactorizedLinear
 from .io import factorization_meta, load, save as _save_folder  # noqa: F401  (load is public)
 from .pipeline import LoopOptions, compress_blocks
@@ -128,9 +125,7 @@ def build_report(config, plan_info, tokens, before, after, records, wall_seconds
             "modules_factorized": sum(r.rank is not None for r in records),
             "modules_kept_dense": sum(r.rank is None for r in records),
         },
-        "environment": {"python": platform.python_version(), "torch": torch.__version__,
-                        "transformers": transformers.__version__, "machine": platform.machine(),
-                        "processor": platform.processor()},
+        "environment": environment(),
         "modules": [r.to_dict() for r in records],
     }
 

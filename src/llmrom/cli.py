@@ -216,14 +216,12 @@ def cmd_eval(args):
         log.info("loading the reference %s", reference)
         ref_model, _ = load_model(reference, report.get("source", {}).get("gguf_file") if args.reference == "auto"
                                   else None, args.dtype)
-        ref_path = Path(reference).expanduser()
-        ref_disk = disk_bytes(ref_path) if ref_path.is_dir() and any(ref_path.glob("*.safetensors")) else None
+        ref_disk = disk_bytes(reference)
     tasks = [t for t in args.tasks.split(",") if t.strip()]
     res = evaluate(model, tokenizer, reference=ref_model, ppl=ppl, seqlen=args.seqlen,
                    max_windows=args.windows or None, fidelity_windows=args.fidelity_windows, tasks=tasks,
                    task_options={"limit": args.task_limit, "batch_size": args.task_batch_size},
-                   speed=args.speed, disk=disk_bytes(folder) if folder.is_dir() and any(folder.glob("*.safetensors"))
-                   else None, reference_disk=ref_disk)
+                   speed=args.speed, disk=disk_bytes(folder), reference_disk=ref_disk)
     res["model"]["source"] = args.model
     if reference is not None:
         res["reference"]["source"] = reference

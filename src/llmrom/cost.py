@@ -61,7 +61,8 @@ def parameter_bytes(model):
     return total
 
 
-def disk_bytes(folder):
-    """Bytes of the weight files (safetensors shards) of a saved folder."""
+def disk_bytes(path):
+    """Bytes of the weight files (safetensors shards) of a saved folder; None if `path` has none."""
     from pathlib import Path
-    return sum(p.stat().st_size for p in Path(folder).glob("*.safetensors"))
+    files = list(Path(path).expanduser().glob("*.safetensors")) if Path(path).expanduser().is_dir() else []
+    return sum(p.stat().st_size for p in files) if files else None
