@@ -9,7 +9,6 @@ import torch
 import torch.nn.functional as F
 
 import llmrom
-from llmrom import cli
 from llmrom.config import CompressConfig
 from llmrom.errors import LlmromError, NonFiniteError
 from llmrom.evaluate import evaluate, format_results
@@ -19,6 +18,7 @@ from llmrom.speed import measure_speed
 from llmrom.textdata import eval_windows
 
 from conftest import TinyTokenizer, calib_tokens, tiny_model
+from test_cli import run  # the in-process CLI runner
 
 TEXT = "The quick brown fox jumps over the lazy dog while the python interpreter evaluates. " * 120
 
@@ -104,12 +104,6 @@ def _file(text, name="held.txt"):
     d = Path(tempfile.mkdtemp())
     (d / name).write_text(text)
     return str(d / name)
-
-
-def run(capsys, *argv):
-    code = cli.main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_cli_eval_of_a_compressed_folder_against_its_recorded_source(tiny_folder, tmp_path, capsys):
