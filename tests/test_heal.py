@@ -118,6 +118,18 @@ def test_ggpo_noise_scales_with_gradient_and_weight_rows(compressed):
     g.beta, g.alpha = 0.0, 1.0
     g.perturb()
     assert float(ad.noise.abs().max()) == 0.0  # no gradient, no weight term: no perturbation
+    # the gradient term is relative: rows with 3x the mean gradient norm get 3x the noise of an average
+    # row (in units of their own RMS), and scaling the gradient (the loss) by 1000 changes nothing
+    grad = torch.ones(ad.base.out_features)
+    grad[: grad.numel() // 2] = 3.0
+    for scale in (1.0, 1000.0):
+        g.grad_rows = {n: grad * scale for n in adapters}
+        g.perturb()
+        w = ad.effective_weight().detach()
+        rel = (ad.noise.pow(2).mean(1).sqrt() / w.pow(2).mean(1).sqrt()).detach()
+        expect = grad / grad.mean()
+        assert float((rel / expect).median()) == pytest.approx(1.0, rel=0.35)
+        assert float(rel[: grad.numel() // 2].mean() / rel[grad.numel() // 2:].mean()) == pytest.approx(3.0, rel=0.3)
     with pytest.raises(llmrom.LlmromError, match="ggpo"):
         GGPO(adapters, alpha=-1, beta=0, seed=0)
 

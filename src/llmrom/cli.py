@@ -234,6 +234,9 @@ def cmd_eval(args):
 
 
 def _add_heal_parser(sub):
+    from .heal import HealConfig
+
+    d = HealConfig()  # one place for the defaults
     h = sub.add_parser("heal", help="recovery fine-tuning of a compressed folder (factors only, or merged LoRA)",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     h.add_argument("folder", help="a folder written by `llmrom compress`")
@@ -245,33 +248,34 @@ def _add_heal_parser(sub):
                    help="factors: tune only the factorized modules' factors (WeLore); lora: LoRA adapters on the "
                         "factors, merged into them at the end")
     h.add_argument("--ggpo", action="store_true", help="LoRA-GGPO gradient-guided weight perturbation (--train lora)")
-    h.add_argument("--ggpo-alpha", type=float, default=1.0, help="GGPO weight of the gradient-norm term")
-    h.add_argument("--ggpo-beta", type=float, default=0.01, help="GGPO weight of the weight-norm term "
+    h.add_argument("--ggpo-alpha", type=float, default=d.ggpo_alpha, help="GGPO weight of the gradient-norm term (noise std per element += alpha x the row's "
+                                                                   "gradient norm relative to the layer's mean x the row's RMS)")
+    h.add_argument("--ggpo-beta", type=float, default=d.ggpo_beta, help="GGPO weight of the weight-norm term "
                                                                  "(noise std per element = beta x the row's RMS)")
-    h.add_argument("--lora-rank", type=int, default=8, help="LoRA rank k")
-    h.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA scale numerator (update = alpha/k B A)")
+    h.add_argument("--lora-rank", type=int, default=d.lora_rank, help="LoRA rank k")
+    h.add_argument("--lora-alpha", type=float, default=d.lora_alpha, help="LoRA scale numerator (update = alpha/k B A)")
     h.add_argument("--lora-targets", default="first,second",
                    help="factors to adapt: first, second, or both (both adapt the whole factorized map, still exactly "
                         "mergeable)")
     h.add_argument("--modules", metavar="REGEX", help="heal only the factorized modules whose name matches")
-    h.add_argument("--tokens", type=int, default=65536, help="training token budget")
-    h.add_argument("--seqlen", type=int, default=256, help="tokens per training window")
-    h.add_argument("--batch-size", type=int, default=4, help="windows per forward pass")
-    h.add_argument("--grad-accum", type=int, default=1, help="forward passes per optimizer step")
+    h.add_argument("--tokens", type=int, default=d.tokens, help="training token budget")
+    h.add_argument("--seqlen", type=int, default=d.seqlen, help="tokens per training window")
+    h.add_argument("--batch-size", type=int, default=d.batch_size, help="windows per forward pass")
+    h.add_argument("--grad-accum", type=int, default=d.grad_accum, help="forward passes per optimizer step")
     h.add_argument("--lr", type=float, help="peak learning rate (default: 1e-4 for factors, 1e-3 for lora)")
-    h.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
-    h.add_argument("--warmup", type=float, default=0.05, help="fraction of steps of linear warm-up (then linear decay)")
+    h.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay")
+    h.add_argument("--warmup", type=float, default=d.warmup, help="fraction of steps of linear warm-up (then linear decay)")
     h.add_argument("--eval", default="auto", metavar="SOURCE",
                    help="held-out text for perplexity and early stopping; auto: python-docs:tutorial when installed; "
                         "none: no evaluation")
     h.add_argument("--eval-seqlen", type=int, default=512, help="tokens per evaluation window")
     h.add_argument("--eval-windows", type=int, default=8, help="number of evaluation windows (first N)")
-    h.add_argument("--eval-every", type=int, default=16, help="evaluate every N optimizer steps")
-    h.add_argument("--patience", type=int, default=3, help="stop after N evaluations without improvement")
-    h.add_argument("--checkpoint-every", type=int, default=0,
+    h.add_argument("--eval-every", type=int, default=d.eval_every, help="evaluate every N optimizer steps")
+    h.add_argument("--patience", type=int, default=d.patience, help="stop after N evaluations without improvement")
+    h.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every,
                    help="checkpoint every N steps into a hidden folder next to --out (0: never)")
     h.add_argument("--resume", action="store_true", help="continue from the checkpoint next to --out")
-    h.add_argument("--seed", type=int, default=0, help="seed of the data order, LoRA init and GGPO noise")
+    h.add_argument("--seed", type=int, default=d.seed, help="seed of the data order, LoRA init and GGPO noise")
     h.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="training dtype")
 
 

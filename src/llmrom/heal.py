@@ -53,7 +53,7 @@ class HealConfig:
     lora_rank: int = 8
     lora_alpha: float = 16.0
     lora_targets: tuple = ("first", "second")
-    ggpo_alpha: float = 1.0
+    ggpo_alpha: float = 0.02
     ggpo_beta: float = 0.01
     modules: str | None = None
     eval_every: int = 16

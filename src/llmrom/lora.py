@@ -95,15 +95,22 @@ class GGPO:
     layer is perturbed by Gaussian noise whose scale per output row i mixes that row's gradient norm
     and weight norm,
 
-        eps[i, :] = (alpha * ||G[i, :]|| + beta * ||W'[i, :]||) / sqrt(n_in) * z[i, :],   z ~ N(0, I)
+        eps[i, :] = (alpha * g[i] / mean(g) + beta) * ||W'[i, :]|| / sqrt(n_in) * z[i, :],   z ~ N(0, I)
 
-    where G = dL/dW' is the gradient of the previous step (taken at the perturbed point; zero at the
-    first step, so the first perturbation is weight-scaled only) and n_in the row length (the
-    1/sqrt(n_in) keeps the perturbed output's variance independent of the layer width). The loss and
-    gradient of the step are computed at W' + eps and the adapter is updated with them; eps is then
-    dropped (it never enters the weights, so the merge is unaffected). Rows with large gradients
-    (sharp directions) and large weights get more noise, which steers training toward flat minima
-    and damps the late rise of held-out loss ("double descent") that plain LoRA shows.
+    where g[i] = ||G[i, :]|| is the row norm of G = dL/dW', the gradient of the previous step (taken at
+    the perturbed point; absent at the first step, so the first perturbation is weight-scaled only),
+    and n_in the row length: ||W'[i, :]|| / sqrt(n_in) is the row's RMS, so alpha and beta are
+    fractions of the weights' own scale. The loss and gradient of the step are computed at W' + eps
+    and the adapter is updated with them; eps is then dropped (it never enters the weights, so the
+    merge is unaffected). Rows with large gradients (sharp directions) and large weights get more
+    noise, which steers training toward flat minima and damps the late rise of held-out loss
+    ("double descent") that plain LoRA shows.
+
+    The gradient enters relative to its mean over the layer's rows. The form alpha * ||G[i, :]||
+    (gradient in absolute units) made the noise depend on the loss scale and the batch: with
+    alpha = 1 it was larger than the weights and SmolLM2's held-out perplexity went 43 -> 242 in 4
+    steps (bench/results/heal_smollm2-135m_0.8.md). Relative, it cannot outgrow the weights by
+    more than alpha times the sharpest row's share.
 
     alpha (`--ggpo-alpha`): weight of the gradient-norm term; beta (`--ggpo-beta`): weight of the
     weight-norm term (the Flat-LoRA-like random perturbation); beta=alpha=0 is plain LoRA. Noise is
@@ -126,11 +133,13 @@ class GGPO:
         """Set the noise of every adapter for the coming step (call before its forward passes)."""
         for name, ad in self.adapters.items():
             w = ad.effective_weight()
-            row = self.beta * w.norm(dim=1)
+            factor = torch.full((w.shape[0],), self.beta, dtype=torch.float32, device=w.device)
             if name in self.grad_rows:
-                row = row + self.alpha * self.grad_rows[name]
-            z = torch.randn(w.shape, generator=self.generator, dtype=torch.float32).to(w.dtype)
-            ad.noise = (row / math.sqrt(w.shape[1]))[:, None] * z
+                g = self.grad_rows[name].float()
+                factor = factor + self.alpha * g / g.mean().clamp_min(1e-30)
+            rms = w.float().norm(dim=1) / math.sqrt(w.shape[1])
+            z = torch.randn(w.shape, generator=self.generator, dtype=torch.float32).to(w.device)
+            ad.noise = ((factor * rms)[:, None] * z).to(w.dtype)
 
     @torch.no_grad()
     def collect(self):
