@@ -71,6 +71,33 @@ def test_global_policy_is_data_aware():
     assert plans[0] != plans[1]
 
 
+def test_global_profiling_holds_one_block_of_statistics(monkeypatch):
+    """The profiling pass turns each block's moments into spectra before the next block's exist."""
+    import weakref
+
+    from llmrom import pipeline, policies
+    from llmrom.stats import Moments
+
+    refs = []  # weak references to every Moments made (a dataclass: not hashable, so no WeakSet)
+
+    class Tracked(Moments):
+        @classmethod
+        def zeros(cls, dim, device="cpu"):
+            m = super().zeros(dim, device)
+            refs.append(weakref.ref(m))
+            return m
+
+    seen, real_eigh = [], policies.output_eigh
+    monkeypatch.setattr(pipeline, "Moments", Tracked)
+    monkeypatch.setattr(policies, "output_eigh", lambda w, s: (seen.append(sum(r() is not None for r in refs)),
+                                                                    real_eigh(w, s))[1])
+    dense = tiny_model("llama")
+    llmrom.compress(copy.deepcopy(dense), TinyTokenizer(), CompressConfig(budget=0.85, policy="global", nsamples=8,
+                                                                          seqlen=16), tokens=calib_tokens(), progress=False)
+    n_blocks, groups = len(dense.model.layers), 4  # q/k/v, o, gate/up, down
+    assert len(seen) == 7 * n_blocks and max(seen) <= groups  # never two blocks' moments at once
+
+
 def test_policy_needs_a_bare_budget():
     with pytest.raises(LlmromError, match="--budget alone"):
         CompressConfig(budget=0.8, policy="global", last_blocks=2)

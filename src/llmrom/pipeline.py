@@ -231,12 +231,16 @@ def _store(hidden, j, out, i):
     hidden[j] = out
 
 
-def profile_moments(model, layout, tokens, opts):
-    """Input moments of every group of every block of the DENSE model ({first linear: Moments})."""
+def profile_blocks(model, layout, tokens, opts):
+    """Yield (block prefix, {linear: Moments of its input}) for every block of the DENSE model in order.
+
+    Only one block's moments exist at a time if the caller drops them before asking for the next
+    (llmrom.policies does); the hidden states are one copy, overwritten block by block.
+    """
     blocks = model.get_submodule(layout.blocks_path)
     calls, hidden = prepare_inputs(model, blocks, tokens, opts)
     hidden = MemoryStore(hidden)
-    out, timings = {}, {}
+    timings = {}
     for i in tqdm(range(len(blocks)), desc="profiling", unit="block", disable=not opts.progress):
         block, prefix = blocks[i], f"{layout.blocks_path}.{i}."
         home = next(block.parameters()).device
@@ -245,8 +249,13 @@ def profile_moments(model, layout, tokens, opts):
         groups = layout.groups or trace_groups(block, lambda: forward(hidden[0]))
         with torch.no_grad():
             moments = _collect(block, [g[0] for g in groups], hidden, forward, stop=False, outputs=i)
-        for g in groups:
-            for n in g:
-                out[prefix + n] = moments[g[0]]
         block.to(home)
+        yield prefix, {prefix + n: moments[g[0]] for g in groups for n in g}
+
+
+def profile_moments(model, layout, tokens, opts):
+    """Input moments of every linear of every block of the DENSE model ({name: Moments}), all kept."""
+    out = {}
+    for _, moments in profile_blocks(model, layout, tokens, opts):
+        out.update(moments)
     return out

@@ -11,8 +11,8 @@ allow). A module whose kept rank would not make it strictly smaller stays dense 
 * `global` (data-aware): the score is the share of the module's calibration output energy that
   direction carries per parameter it costs, l_j / (sum(l) (d_in + d_out)), with l the eigenvalues
   of the module's output covariance on a profiling pass over the dense model (one block resident at
-  a time; only the spectra are kept). Dropping the lowest-scored directions first is the greedy
-  allocation by relative output error per parameter.
+  a time; only the spectra are kept, so its memory is one block's statistics). Dropping the
+  lowest-scored directions first is the greedy allocation by relative output error per parameter.
 """
 
 import heapq
@@ -86,16 +86,23 @@ def welore_scores(model, shapes, progress=False):
 
 
 def global_scores(model, layout, shapes, tokens, opts, centered):
-    """Output-covariance eigenvalues per module from a dense profiling pass, as energy share per parameter."""
-    from .pipeline import profile_moments
-    moments = profile_moments(model, layout, tokens, opts)
+    """Output-covariance eigenvalues per module from a dense profiling pass, as energy share per parameter.
+
+    Streaming: each block's moments become spectra (d_out numbers per linear) before the next block
+    is profiled, so memory holds one block's statistics, not the model's."""
+    from .pipeline import profile_blocks
+    wanted = {s.name: s for s in shapes}
     scores = {}
-    for s in shapes:
-        m = moments[s.name]
-        stats = m.covariance() if centered else m.second_moment()
-        w = weight_matrix(model.get_submodule(s.name)).detach().double()
-        vals = output_eigh(w, stats)[0].clamp_min(0)
-        scores[s.name] = vals / (vals.sum().clamp_min(1e-300) * (s.d_in + s.d_out))
+    for _, moments in profile_blocks(model, layout, tokens, opts):
+        for name, m in moments.items():
+            if name not in wanted:
+                continue
+            s = wanted[name]
+            stats = m.covariance() if centered else m.second_moment()
+            w = weight_matrix(model.get_submodule(name)).detach().double()
+            vals = output_eigh(w, stats)[0].clamp_min(0)
+            scores[name] = vals / (vals.sum().clamp_min(1e-300) * (s.d_in + s.d_out))
+        del moments
     return scores
 
 
