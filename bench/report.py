@@ -58,6 +58,34 @@ def table(model, runs):
     return "\n".join(lines)
 
 
+BASELINES = ("svd", "svd-llm", "rom-uncentred")  # issue 4's item 1: weight SVD, SVD-LLM (W), the paper's ROM
+
+
+def target_table(by_model):
+    """Per model and budget: the default (rom) against the best baseline and the target
+    (ppl_rom - ppl_dense) <= 0.5 (ppl_best_baseline - ppl_dense), i.e. closing half the gap."""
+    lines = ["| model | budget | dense | best baseline | rom (default) | target <= | gap closed | met |",
+             "|---|---:|---:|---|---:|---:|---:|---|"]
+    for model, runs in sorted(by_model.items()):
+        dense = next((r for r in runs if r["variant"] == "dense"), None)
+        if dense is None:
+            continue
+        d = dense["eval"]["perplexity"]["model"]
+        for budget in sorted({r["budget"] for r in runs if r["variant"] != "dense"}, reverse=True):
+            at = {r["variant"]: r for r in runs if r["budget"] == budget}
+            base = [(at[v]["eval"]["perplexity"]["model"], v) for v in BASELINES if v in at]
+            if "rom" not in at or not base:
+                continue
+            best, which = min(base)
+            rom = at["rom"]["eval"]["perplexity"]["model"]
+            closed = (best - rom) / (best - d) if best > d else float("nan")
+            missing = [v for v in BASELINES if v not in at]
+            lines.append(f"| {model} | {budget:g} | {d:.2f} | {which} {best:.2f}"
+                         + (f" (not run: {', '.join(missing)})" if missing else "")
+                         + f" | {rom:.2f} | {d + 0.5 * (best - d):.2f} | {closed:.0%} | {'yes' if closed >= 0.5 else 'no'} |")
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
 def plot_ppl(by_model, path):
     fig, axes = plt.subplots(1, len(by_model), figsize=(5 * len(by_model), 4), squeeze=False)
     for ax, (model, runs) in zip(axes[0], sorted(by_model.items())):
@@ -146,6 +174,11 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     plot_ppl(by_model, out / "ppl_vs_params.png")
     parts = [protocol_text(by_model), "", "![perplexity vs kept parameters](bench/results/ppl_vs_params.png)", ""]
+    targets = target_table(by_model)
+    if targets:
+        parts += ["Target of issue 4: the default closes at least half of the perplexity gap between the best "
+                  "baseline (plain weight SVD, SVD-LLM's whitened SVD, the paper's uncentred ROM on the same last N "
+                  "blocks) and the dense model, at equal or fewer parameters.", "", targets, ""]
     for model, runs in sorted(by_model.items()):
         parts += [table(model, runs), ""]
         if any(r["variant"] == "rom" for r in runs):
