@@ -1,14 +1,19 @@
 """Factorization methods: pure math, weight + input statistics in, two factors out.
 
 Every method returns W ~ second @ first with `first` (r x d_in) and `second` (d_out x r), and a
-bias for `second`. A method is registered by name in METHODS; the pipeline only calls
-`METHODS[name](weight, bias, moments, rank, centered)`.
+bias for `second`. A method is registered by name in METHODS; the pipeline calls
+`METHODS[name](weight, bias, moments, rank, centered)`, or `rom_from_outputs` with the same
+arguments (output moments) for rom on a linear with d_out < d_in.
 
 ROM (the paper): y = W x + b. With S the second moment E[x x^T] (or the covariance, when
 centred), the output covariance of W x is W S W^T exactly; its top-r eigenvectors V_r minimise the
 expected output error E||W x - V V^T W x||^2 over all rank-r projections. The bias is kept exactly;
 when centred, the mean of the dropped directions, (I - V V^T) W E[x], is restored in the bias so
 nothing is lost on average.
+
+`rom_from_outputs` is the same method from the moments of the outputs z = W x themselves
+(E[z z^T] = W E[x x^T] W^T, E[z] = W E[x]): for d_out < d_in it needs d_out x d_out statistics
+instead of d_in x d_in, and no product with W beyond V_r^T W.
 """
 
 from dataclasses import dataclass
@@ -75,8 +80,7 @@ def rom(weight, bias, moments, rank, centered=False):
     vals, vecs = output_eigh(w, stats)
     v = vecs[:, :rank]
     first = v.T @ w
-    new_bias = _new_bias(w, bias, first, v, moments, centered)
-    return _finish(w, bias, moments, second_moment, first, v, new_bias, vals, "rom")
+    return _finish(w, bias, moments, second_moment, first, v, vals, centered, "rom")
 
 
 def svd(weight, bias, moments, rank, centered=False):
@@ -86,8 +90,7 @@ def svd(weight, bias, moments, rank, centered=False):
     first = s[:rank, None] * vh[:rank]
     second_moment = moments.second_moment()
     vals, _ = output_eigh(w, second_moment)
-    new_bias = _new_bias(w, bias, first, u[:, :rank], moments, centered)
-    return _finish(w, bias, moments, second_moment, first, u[:, :rank], new_bias, vals, "svd")
+    return _finish(w, bias, moments, second_moment, first, u[:, :rank], vals, centered, "svd")
 
 
 def whitened_svd(weight, bias, moments, rank, centered=False):
@@ -106,8 +109,7 @@ def whitened_svd(weight, bias, moments, rank, centered=False):
     first = torch.linalg.solve_triangular(chol, sv[:rank, None] * vh[:rank], upper=False, left=False)
     second = u[:, :rank]
     vals = torch.cat([sv ** 2, sv.new_zeros(max(0, w.shape[0] - sv.shape[0]))])
-    new_bias = _new_bias(w, bias, first, second, moments, centered)
-    return _finish(w, bias, moments, second_moment, first, second, new_bias, vals, "whitened_svd")
+    return _finish(w, bias, moments, second_moment, first, second, vals, centered, "whitened_svd")
 
 
 def _damped_cholesky(s):
@@ -121,28 +123,68 @@ def _damped_cholesky(s):
                          "1e-2 x its mean diagonal (dead inputs?); use --method rom")
 
 
-def _new_bias(w, bias, first, second, moments, centered):
-    """The original bias; centred, plus the mean output the factors lose, (W - second first) E[x]."""
-    new_bias = bias.to(torch.float64) if bias is not None else None
-    if centered:
-        lost_mean = (w - second @ first) @ moments.mean()
-        new_bias = lost_mean if new_bias is None else new_bias + lost_mean
-    return new_bias
+def rom_from_outputs(weight, bias, out_moments, rank, centered=False):
+    """`rom` from the moments of the outputs z = W x (bias excluded) instead of the inputs x.
+
+    With E[z z^T] = W E[x x^T] W^T and E[z] = W E[x], the output covariance that `rom` builds as
+    W S W^T is measured directly: V_r are its top-r eigenvectors, `first` = V_r^T W, `second` = V_r,
+    and bias and error follow from the same moments. The statistics are d_out x d_out; W is read in
+    its own dtype, a block of columns at a time, so nothing d_in x d_in and no float64 copy of W
+    is formed. Equal to `rom` on the same calibration data (up to the rounding of z in the model's
+    dtype).
+    """
+    d_out = weight.shape[0]
+    if out_moments.xx.shape != (d_out, d_out):
+        raise ValueError(f"rom_from_outputs: output moments are {tuple(out_moments.xx.shape)}, the weight has "
+                         f"{d_out} outputs")
+    second_moment = out_moments.second_moment()
+    stats = out_moments.covariance() if centered else second_moment
+    vals, vecs = torch.linalg.eigh(stats)
+    vals, v = vals.flip(0), vecs[:, d_out - min(rank, d_out):].flip(1)  # top eigenpairs, descending
+    del stats, vecs
+    first = _project(v, weight)
+    # error before biases: e = (I - V V^T) z, so E||e||^2 = tr(M) - tr(V^T M V) and E[e] = (I - V V^T) E[z]
+    mean, energy = out_moments.mean(), second_moment.trace()
+    return _factors(first, v, bias, vals, centered, "rom",
+                    err_sq=energy - (v * (second_moment @ v)).sum(), err_mean=mean - v @ (v.T @ mean),
+                    out_sq=energy, out_mean=mean)
 
 
-def _finish(w, bias, moments, second_moment, first, second, new_bias, vals, name):
-    """Measure the exact expected output error of the factors on the calibration inputs."""
+def _project(v, weight, block=1024):
+    """V^T W in float64, converting W to float64 one block of `block` columns at a time."""
+    out = v.new_empty(v.shape[1], weight.shape[1])
+    for j in range(0, weight.shape[1], block):
+        out[:, j:j + block] = v.T @ weight[:, j:j + block].to(v.dtype)
+    return out
+
+
+def _finish(w, bias, moments, second_moment, first, second, vals, centered, name):
+    """Factors of W ~ second @ first measured on the input moments: with D = W - second @ first,
+    the error before biases is D x, so E||D x||^2 = tr(D M D^T), E[D x] = D m, E||W x||^2 = tr(W M W^T)."""
     diff = w - second @ first
-    bias_shift = (new_bias if new_bias is not None else 0) - (bias.to(torch.float64) if bias is not None else 0)
-    # E||D x - shift||^2 = tr(D M D^T) - 2 shift . D m + |shift|^2   (shift: bias change, 0 or the mean term)
     mean = moments.mean()
-    residual = torch.einsum("ij,jk,ik->", diff, second_moment, diff)
-    if new_bias is not None:
-        residual = residual - 2 * bias_shift @ (diff @ mean) + bias_shift @ bias_shift
-    energy = torch.einsum("ij,jk,ik->", w, second_moment, w)
-    if bias is not None:
-        b = bias.to(torch.float64)
-        energy = energy + 2 * b @ (w @ mean) + b @ b
+    return _factors(first, second, bias, vals, centered, name,
+                    err_sq=torch.einsum("ij,jk,ik->", diff, second_moment, diff), err_mean=diff @ mean,
+                    out_sq=torch.einsum("ij,jk,ik->", w, second_moment, w), out_mean=w @ mean)
+
+
+def _factors(first, second, bias, vals, centered, name, err_sq, err_mean, out_sq, out_mean):
+    """Bias, exact expected output error and energy from the moments of e (the error before biases)
+    and of W x, in whichever space they were measured.
+
+    The new bias is the original one; centred, plus the mean output the factors lose, E[e]. With
+    shift = new bias - old bias (0 or E[e]) the error is e - shift, so
+    E||e - shift||^2 = E||e||^2 - 2 shift . E[e] + |shift|^2, and E||y||^2 = E||W x||^2 + 2 b . E[W x] + |b|^2.
+    """
+    old = bias.to(torch.float64) if bias is not None else None
+    new_bias = old
+    residual, energy = err_sq, out_sq
+    if centered:
+        shift = err_mean
+        new_bias = shift if old is None else old + shift
+        residual = residual - 2 * shift @ err_mean + shift @ shift
+    if old is not None:
+        energy = energy + 2 * old @ out_mean + old @ old
     for t in (first, second, residual):
         if not torch.isfinite(t).all():
             raise NonFiniteError(f"{name}: non-finite factors (ill-conditioned statistics)")

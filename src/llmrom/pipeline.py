@@ -4,6 +4,10 @@ capture block 0's inputs -> for each block: for each group of linears sharing an
 that input's moments (the block's forward stops at the group, so finished parts are not re-run),
 factorize the group's linears, swap them in -> run the compressed block to get the next block's
 inputs. Only one copy of the calibration hidden states is kept; outputs overwrite inputs.
+
+With `rom`, a group of one linear with fewer outputs than inputs (down_proj) streams the moments
+of its outputs W x instead (`rom_from_outputs`): d_out^2 statistics and work per token instead of
+d_in^2, and the same factors.
 """
 
 import logging
@@ -18,7 +22,7 @@ from .arch import trace_groups, weight_matrix
 from .capture import StopForward, block0_input, record_calls, run_block, to_device
 from .errors import NonFiniteError
 from .factorized import FactorizedLinear, replace_module
-from .methods import METHODS
+from .methods import METHODS, rom_from_outputs
 from .ranks import LinearShape
 from .stats import Moments
 
@@ -53,6 +57,7 @@ class LoopOptions:
     progress: bool = True
     activations: str = "cpu"  # where the hidden states live between blocks: cpu or disk
     activations_dtype: str | None = None  # their dtype; None: the model's
+    output_stats: bool = True  # rom, sequential: factorize d_out < d_in single-linear groups from output moments
 
 
 def compress_blocks(model, layout, tokens, plan, opts, timings=None):
@@ -91,15 +96,16 @@ def compress_block(block, prefix, i, groups, calls, hidden, plan, opts, timings=
         if opts.sequential:
             for group in todo:
                 if group:
-                    moments = _collect(block, group[:1], hidden, forward, stop=True, timings=timings)[group[0]]
+                    method, moments = _group_statistics(block, group, hidden, forward, opts, timings)
                     for n in group:
-                        records.append(_compress_one(block, prefix, n, moments, plan, opts, timings))
+                        records.append(_compress_one(block, prefix, n, method, moments, plan, opts, timings))
         elif any(todo):
             wanted = [n for g in todo for n in g[:1]]
             shared = {n: g[0] for g in todo for n in g}
             moments = _collect(block, wanted, hidden, forward, stop=False, outputs=i, timings=timings)
             for n in shared:
-                records.append(_compress_one(block, prefix, n, moments[shared[n]], plan, opts, timings))
+                records.append(_compress_one(block, prefix, n, METHODS[opts.method], moments[shared[n]], plan, opts,
+                                             timings))
         if opts.sequential or not any(todo):
             for j, h in enumerate(tqdm(hidden, desc=f"block {i} outputs", total=len(hidden), leave=False,
                                        disable=not opts.progress)):
@@ -137,30 +143,55 @@ def _block_forward(block, calls, i, device, timings):
     return forward
 
 
-def _collect(block, names, hidden, forward, stop, outputs=None, timings=None):
-    """Moments of the inputs of the named linears over all micro-batches.
+def uses_output_stats(block, group, opts):
+    """Whether a sequential group is factorized from the moments of its outputs: `rom`, one linear,
+    d_out < d_in (its output statistics are then the smaller ones)."""
+    if not (opts.output_stats and opts.sequential and opts.method == "rom" and len(group) == 1):
+        return False
+    d_out, d_in = weight_matrix(block.get_submodule(group[0])).shape
+    return d_out < d_in
 
-    stop=True ends each forward at the (single) named linear; outputs=i (the block's index) stores
-    the full block outputs back into `hidden` (the non-sequential variant, whose next inputs are dense).
+
+def _group_statistics(block, group, hidden, forward, opts, timings):
+    """(method, moments) of a sequential group: the moments of the group's shared input for the
+    configured method, or those of the output of its single linear for `rom_from_outputs`."""
+    if uses_output_stats(block, group, opts):
+        return rom_from_outputs, _collect(block, group, hidden, forward, stop=True, timings=timings,
+                                          of="outputs")[group[0]]
+    return METHODS[opts.method], _collect(block, group[:1], hidden, forward, stop=True, timings=timings)[group[0]]
+
+
+def _collect(block, names, hidden, forward, stop, outputs=None, timings=None, of="inputs"):
+    """Moments of the inputs (of="outputs": of the outputs W x, bias excluded) of the named linears
+    over all micro-batches.
+
+    stop=True ends each forward at the (single) named linear, before it runs (inputs) or right after
+    (outputs); outputs=i (the block's index) stores the full block outputs back into `hidden` (the
+    non-sequential variant, whose next inputs are dense).
     """
+    if of not in ("inputs", "outputs"):
+        raise ValueError(f"_collect: of={of!r}, expected 'inputs' or 'outputs'")
     timings = {} if timings is None else timings
     moments, handles = {}, []
 
-    def hook(name):
-        def pre(mod, args):
-            x = args[0]
-            t0 = time.perf_counter()
-            if name not in moments:
-                moments[name] = Moments.zeros(x.shape[-1], x.device)
-            moments[name].update(x)
-            timings["covariance"] = timings.get("covariance", 0.0) + time.perf_counter() - t0
-            if stop:
-                raise StopForward
-        return pre
+    def add(name, x):
+        t0 = time.perf_counter()
+        if name not in moments:
+            moments[name] = Moments.zeros(x.shape[-1], x.device)
+        moments[name].update(x)
+        timings["covariance"] = timings.get("covariance", 0.0) + time.perf_counter() - t0
+        if stop:
+            raise StopForward
+
+    def register(name):
+        module = block.get_submodule(name)
+        if of == "inputs":
+            return module.register_forward_pre_hook(lambda mod, args: add(name, args[0]))
+        return module.register_forward_hook(lambda mod, args, out: add(name, _without_bias(mod, out)))
 
     try:
         for n in names:
-            handles.append(block.get_submodule(n).register_forward_pre_hook(hook(n)))
+            handles.append(register(n))
         for j, h in enumerate(hidden):
             out = forward(h, stop_ok=stop)
             if outputs is not None:
@@ -171,15 +202,22 @@ def _collect(block, names, hidden, forward, stop, outputs=None, timings=None):
     return moments
 
 
-def _compress_one(block, prefix, name, moments, plan, opts, timings):
+def _without_bias(module, out):
+    """W x from a linear's output W x + b (in float32, the dtype the moments are accumulated from)."""
+    out = out.to(torch.float32)
+    return out if module.bias is None else out - module.bias.to(torch.float32)
+
+
+def _compress_one(block, prefix, name, method, moments, plan, opts, timings):
     t0 = time.perf_counter()
     try:
-        return _factorize_into(block, prefix, name, moments, plan, opts, t0)
+        return _factorize_into(block, prefix, name, method, moments, plan, opts, t0)
     finally:
         timings["factorize"] = timings.get("factorize", 0.0) + time.perf_counter() - t0
 
 
-def _factorize_into(block, prefix, name, moments, plan, opts, t0):
+def _factorize_into(block, prefix, name, method, moments, plan, opts, t0):
+    """Factorize one linear with `method(weight, bias, moments, rank, centered)` and swap it in."""
     full = prefix + name
     moments.check_finite(full)
     module = block.get_submodule(name)
@@ -194,8 +232,8 @@ def _factorize_into(block, prefix, name, moments, plan, opts, t0):
     if not torch.isfinite(w).all():
         raise NonFiniteError(f"non-finite weights in {full}: the checkpoint is damaged or overflowed on loading")
     try:
-        f = METHODS[opts.method](w.detach(), module.bias.detach() if module.bias is not None else None,
-                                 moments, rank, opts.centered)
+        f = method(w.detach(), module.bias.detach() if module.bias is not None else None, moments, rank,
+                   opts.centered)
     except NonFiniteError as e:
         raise NonFiniteError(f"{full}: {e}") from None
     new = FactorizedLinear(shape.d_in, shape.d_out, rank, f.bias is not None, dtype=w.dtype, device=w.device)

@@ -1,4 +1,4 @@
-"""Streaming input statistics of a linear layer: sum of x x^T, sum of x, token count.
+"""Streaming statistics of a linear layer's inputs (or outputs): sum of x x^T, sum of x, token count.
 
 Each chunk's Gram matrix is one fp32 GEMM (fast on CPU) added into a float64 accumulator, so the
 sum over hundreds of thousands of tokens keeps float64 accuracy without fp64 GEMM cost.
@@ -13,7 +13,7 @@ from .errors import NonFiniteError
 
 @dataclass
 class Moments:
-    """Second moment and mean of the inputs seen so far (float64)."""
+    """Second moment and mean of the vectors seen so far (float64)."""
 
     xx: torch.Tensor
     x: torch.Tensor
@@ -45,6 +45,6 @@ class Moments:
             raise RuntimeError(f"no calibration tokens reached {where}")
         if not (torch.isfinite(self.xx).all() and torch.isfinite(self.x).all()):
             raise NonFiniteError(
-                f"non-finite activations entering {where}: the model overflows on the calibration "
+                f"non-finite activations at {where}: the model overflows on the calibration "
                 "text in this dtype; load it in float32 (--dtype float32) or check the weights"
             )
