@@ -71,6 +71,10 @@ def test_existing_output_is_refused_then_overwritten(tiny_folder, tmp_path, caps
     (["{tiny}", "--budget", "0.9", "--ranks-file", "/no/ranks.json"], "ranks file"),
     (["{tiny}", "--budget", "0.9", "--device", "tpu9"], "is not a device"),
     (["{tiny}", "--budget", "0.9", "--centered", "--export", "dense"], "add --no-centered"),
+    (["{tiny}", "--budget", "0.9", "--correct", "--no-sequential"], "--no-sequential"),
+    (["{tiny}", "--budget", "0.9", "--correct", "--method", "svd"], "--method rom only"),
+    (["{tiny}", "--last-blocks", "1", "--module-budget", "0.5", "--correct", "--stream"],
+     "not supported with --stream"),
 ])
 def test_bad_input_is_one_clear_line(tiny_folder, tmp_path, capsys, argv, message):
     argv = [a.replace("{tiny}", str(tiny_folder)) for a in argv]
@@ -117,5 +121,6 @@ def test_help_explains_every_option(capsys):
         cli.main(["compress", "--help"])
     text = capsys.readouterr().out
     for flag in ("--budget", "--last-blocks", "--module-budget", "--ranks-file", "--centered", "--no-sequential",
-                 "--calib", "--nsamples", "--seqlen", "--seed", "--export", "--overwrite", "--gguf-file"):
+                 "--correct", "--no-correct", "--calib", "--nsamples", "--seqlen", "--seed", "--export", "--overwrite",
+                 "--gguf-file"):
         assert flag in text

@@ -9,11 +9,13 @@ the memory; the block computes in its own dtype).
 never half-overwritten: after `end_block()` the current file holds a consistent snapshot, which the
 streaming resume journal points at. `cpu` writes that snapshot with `snapshot()` on request.
 Files are read and written with plain reads and writes (no memory mapping), so only one
-micro-batch is resident.
+micro-batch is resident. `copied_store` makes an independent second store of the same kind and
+dtype (error correction carries the dense model's hidden states in it).
 """
 
 import contextlib
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -85,6 +87,10 @@ class MemoryStore:
         write_records(Path(folder) / name, self._t)
         return name
 
+    def copy(self, folder=None):
+        """An independent store holding the same hidden states (`folder` is unused)."""
+        return MemoryStore([t.clone() for t in self._t], self.dtype)
+
 
 class DiskStore:
     """The hidden states in two files of `folder`: `current` (the inputs) and the other (the outputs)."""
@@ -137,6 +143,14 @@ class DiskStore:
             raise ValueError("a disk store snapshots only into its own folder")
         return self.current
 
+    def copy(self, folder):
+        """An independent store in `folder` holding the current hidden states (a copy of the input file).
+        Only between blocks: outputs being written are not copied."""
+        if self._writer is not None:
+            raise ValueError("a disk store is copied between blocks, not while a block writes its outputs")
+        shutil.copyfile(self.folder / self.current, Path(folder) / FILES[0])
+        return DiskStore(folder, self.shapes, self.dtype, FILES[0])
+
     def close(self):
         for f in (self._reader, self._writer):
             if f is not None:
@@ -164,3 +178,18 @@ def activation_store(tensors, kind="cpu", dtype=None, folder=None):
         tensors.clear()  # the files are the only copy now
         stack.callback(store.close)
         yield store
+
+
+@contextlib.contextmanager
+def copied_store(store):
+    """A second store holding a copy of `store`'s hidden states, of the same kind and dtype; a disk
+    copy lives in its own temporary folder, deleted on exit."""
+    if isinstance(store, MemoryStore):
+        yield store.copy()
+        return
+    with tempfile.TemporaryDirectory(prefix="llmrom-activations-") as folder:
+        copy = store.copy(folder)
+        try:
+            yield copy
+        finally:
+            copy.close()

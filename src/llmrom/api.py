@@ -80,8 +80,10 @@ def choose_plan(model, layout, shapes, total, tokens, cfg, opts):
 
 
 def loop_options(config, progress=True):
-    return LoopOptions(config.method, config.centered, config.sequential, config.batch_size, config.device,
-                       progress, config.activations, config.activations_dtype)
+    return LoopOptions(method=config.method, centered=config.centered, sequential=config.sequential,
+                       batch_size=config.batch_size, device=config.device, progress=progress,
+                       activations=config.activations, activations_dtype=config.activations_dtype,
+                       correct=config.correct)
 
 
 def compress(model, tokenizer, config: CompressConfig, progress=True, tokens=None):

@@ -141,7 +141,8 @@ def cmd_info(args):
     print(f"{folder}: {t['parameters_before']:,} -> {t['parameters_after']:,} parameters "
           f"(kept {t['kept_fraction']:.4f}); MACs/token {t['macs_per_token_before']:,} -> {t['macs_per_token_after']:,}")
     print(f"plan: {_plan_line(report['plan'])}; method {report['config']['method']}, "
-          f"centered={report['config']['centered']}, sequential={report['config']['sequential']}")
+          f"centered={report['config']['centered']}, sequential={report['config']['sequential']}, "
+          f"correct={report['config'].get('correct', False)}")
     if "evaluation" in report:
         e = report["evaluation"]
         print(f"perplexity on {e['source']}: {e['perplexity_before']:.3f} -> {e['perplexity_after']:.3f}")

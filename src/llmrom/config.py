@@ -33,6 +33,15 @@ class CompressConfig:
     sequential: bool = _f(True, "calibrate each layer on the outputs of the already-compressed layers "
                                 "(the paper's scheme; best with centring on SmolLM2, 24.10 vs 24.33); "
                                 "--no-sequential uses the dense model's activations (one block pass instead of about four)")
+    correct: bool = _f(False, "error correction: calibrate each compressed layer toward the DENSE model's "
+                              "outputs, not only its own inputs: the rank-r map from the inputs the compressed "
+                              "model gives the layer to the dense layer's output at the same token, in closed form "
+                              "(reduced-rank regression, ridge-damped toward the layer's weights). Carries the "
+                              "dense hidden states beside the compressed ones (twice the activation memory) and "
+                              "runs each compressed block about twice as often. Needs --sequential and --method rom. "
+                              "Experimental: on SmolLM2-135M (budget 0.9, 32 x 128 calibration tokens) it made "
+                              "held-out perplexity worse, 33.1 -> 43.0 (bench/results/correct_smollm2.json): with "
+                              "few calibration tokens per input dimension the regression overfits them")
     calib: str = _f("pydoc", "calibration text: pydoc (built in), python-docs:SUBDIR, a .txt/.jsonl file or a "
                              "folder, or wikitext2 / c4 / ptb (needs `datasets` and network)")
     nsamples: int = _f(512, "number of calibration windows (the paper: 512)")
@@ -68,6 +77,11 @@ class CompressConfig:
         from .methods import METHODS
         if self.method not in METHODS:
             raise LlmromError(f"unknown --method {self.method!r}; choose one of {sorted(METHODS)}")
+        if self.correct and not self.sequential:
+            raise LlmromError("--correct calibrates toward the dense model from the compressed model's inputs; "
+                              "with --no-sequential both are the dense ones: drop one of the two")
+        if self.correct and self.method != "rom":
+            raise LlmromError(f"--correct is implemented for --method rom only, not {self.method}")
         for name in ("nsamples", "seqlen", "batch_size"):
             if getattr(self, name) < 1:
                 raise LlmromError(f"--{name} must be a positive integer, got {getattr(self, name)}")

@@ -14,6 +14,12 @@ nothing is lost on average.
 `rom_from_outputs` is the same method from the moments of the outputs z = W x themselves
 (E[z z^T] = W E[x x^T] W^T, E[z] = W E[x]): for d_out < d_in it needs d_out x d_out statistics
 instead of d_in x d_in, and no product with W beyond V_r^T W.
+
+Error correction (`rom_corrected`, --correct): the sequential loop feeds each layer the inputs x_hat
+of the already-compressed model, while the dense model gives x at the same token. Instead of
+reproducing W x_hat, fit the rank-r affine map A x_hat + c to the dense output W x + b: reduced-rank
+regression. The full least-squares map is A_ls = W E[x x_hat^T] E[x_hat x_hat^T]^{-1} (covariances
+when centred); the rank-r optimum is V_r V_r^T A_ls, V_r the top-r eigenvectors of A_ls S A_ls^T.
 """
 
 from dataclasses import dataclass
@@ -110,6 +116,56 @@ def whitened_svd(weight, bias, moments, rank, centered=False):
     second = u[:, :rank]
     vals = torch.cat([sv ** 2, sv.new_zeros(max(0, w.shape[0] - sv.shape[0]))])
     return _finish(w, bias, moments, second_moment, first, second, vals, centered, "whitened_svd")
+
+
+CORRECT_DAMP = 1e-2  # ridge of the correction, relative to each input's own variance (see rom_corrected)
+
+
+def rom_corrected(weight, bias, cross, rank, centered=False, damp=CORRECT_DAMP):
+    """ROM calibrated toward the DENSE model's outputs: reduced-rank regression from x_hat to W x + b.
+
+    `cross` (stats.CrossMoments) holds the joint moments of the compressed input x_hat and the
+    upstream error e = x_hat - x. With S = E[x_hat x_hat^T] and G = E[e x_hat^T] (covariances when
+    centred), E[x x_hat^T] = S - G and the least-squares map is A_ls = W (S - G) S^{-1} = W - W G S^{-1}.
+
+    Damped solve: the regression is fitted on a few thousand tokens in up to d_in dimensions, so it
+    is a ridge that pulls A toward W (not toward 0): minimise E||A x_hat - W x||^2 + ||(A - W) R^{1/2}||_F^2
+    with R = damp * diag(S) (+ 1e-12 * mean diag(S), which keeps dead inputs solvable), i.e.
+    A_ls = W - W G (S + R)^{-1}. Each input is damped by its own variance, so outlier channels do not
+    set the damping of the others; x_hat == x gives G == 0 and A_ls == W exactly, i.e. plain `rom`.
+    Then `second` = V_r (top-r eigenvectors of A_ls S A_ls^T), `first` = V_r^T A_ls; centred, the bias
+    is b + W E[x] - second first E[x_hat] (no mean error); uncentred, it stays b. `residual` and
+    `output_energy` are measured exactly from the moments against the dense target W x + b.
+    """
+    w = weight.to(torch.float64)
+    s = cross.hat.covariance() if centered else cross.hat.second_moment()
+    g = cross.error_hat_covariance() if centered else cross.error_hat_moment()
+    diag = s.diagonal()
+    reg = damp * diag.clamp_min(0) + 1e-12 * float(diag.mean().clamp_min(1e-300))
+    a = w - torch.linalg.solve(s + torch.diag(reg), (w @ g).T).T  # S + R is symmetric
+    vals, vecs = output_eigh(a, s)
+    second = vecs[:, :rank]
+    first = second.T @ a
+    b = bias.to(torch.float64) if bias is not None else None
+    new_bias = b
+    if centered:
+        restored = w @ cross.dense_mean() - second @ (first @ cross.hat.mean())
+        new_bias = restored if b is None else b + restored
+    # error = D x_hat + W e + shift, D = second first - W, shift = new bias - b (0 uncentred)
+    diff = second @ first - w
+    residual = (torch.einsum("ij,jk,ik->", diff, cross.hat.second_moment(), diff)
+                + 2 * torch.einsum("ij,kj,ik->", diff, cross.error_hat_moment(), w)
+                + torch.einsum("ij,jk,ik->", w, cross.err.second_moment(), w))
+    if centered:
+        shift = new_bias - b if b is not None else new_bias
+        residual = residual + 2 * shift @ (diff @ cross.hat.mean() + w @ cross.err.mean()) + shift @ shift
+    energy = torch.einsum("ij,jk,ik->", w, cross.dense_second_moment(), w)
+    if b is not None:
+        energy = energy + 2 * b @ (w @ cross.dense_mean()) + b @ b
+    for t in (first, second, residual):
+        if not torch.isfinite(t).all():
+            raise NonFiniteError("rom_corrected: non-finite factors (ill-conditioned statistics)")
+    return Factors(first, second, new_bias, vals, max(float(residual), 0.0), float(energy))
 
 
 def _damped_cholesky(s):

@@ -8,8 +8,16 @@ inputs. Only one copy of the calibration hidden states is kept; outputs overwrit
 With `rom`, a group of one linear with fewer outputs than inputs (down_proj) streams the moments
 of its outputs W x instead (`rom_from_outputs`): d_out^2 statistics and work per token instead of
 d_in^2, and the same factors.
+
+Error correction (`correct`): from the first block that has something to compress, a second store
+carries the DENSE model's hidden states. Each such block is copied before it is compressed; for every
+group the dense copy runs on the dense states and the compressed block on the compressed states, both
+stopping at the group's first linear, and the joint moments of the two inputs (stats.CrossMoments)
+feed methods.rom_corrected. At the end of the block each stream runs its own block to the next inputs.
 """
 
+import contextlib
+import copy
 import logging
 import time
 from dataclasses import asdict, dataclass
@@ -17,14 +25,14 @@ from dataclasses import asdict, dataclass
 import torch
 from tqdm.auto import tqdm
 
-from .activations import MemoryStore, activation_store, parse_dtype
+from .activations import MemoryStore, activation_store, copied_store, parse_dtype
 from .arch import trace_groups, weight_matrix
 from .capture import StopForward, block0_input, record_calls, run_block, to_device
-from .errors import NonFiniteError
+from .errors import LlmromError, NonFiniteError
 from .factorized import FactorizedLinear, replace_module
-from .methods import METHODS, rom_from_outputs
+from .methods import METHODS, rom_corrected, rom_from_outputs
 from .ranks import LinearShape
-from .stats import Moments
+from .stats import CrossMoments, Moments
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +66,14 @@ class LoopOptions:
     activations: str = "cpu"  # where the hidden states live between blocks: cpu or disk
     activations_dtype: str | None = None  # their dtype; None: the model's
     output_stats: bool = True  # rom, sequential: factorize d_out < d_in single-linear groups from output moments
+    correct: bool = False  # calibrate toward the dense model's outputs (needs sequential and rom)
+
+    def __post_init__(self):
+        if self.correct and not self.sequential:
+            raise LlmromError("error correction needs the sequential loop (the compressed model's inputs); "
+                              "drop --correct or --no-sequential")
+        if self.correct and self.method != "rom":
+            raise LlmromError(f"error correction is implemented for --method rom only, not {self.method}")
 
 
 def compress_blocks(model, layout, tokens, plan, opts, timings=None):
@@ -65,40 +81,58 @@ def compress_blocks(model, layout, tokens, plan, opts, timings=None):
     blocks = model.get_submodule(layout.blocks_path)
     calls, hidden = prepare_inputs(model, blocks, tokens, opts)
     records, groups = [], layout.groups
-    with activation_store(hidden, opts.activations, parse_dtype(opts.activations_dtype)) as store:
+    with contextlib.ExitStack() as stack:
+        store = stack.enter_context(activation_store(hidden, opts.activations, parse_dtype(opts.activations_dtype)))
+        dense = None  # the dense model's hidden states: equal to `store` until the first compressed block
         for i in tqdm(range(len(blocks)), desc="blocks", unit="block", disable=not opts.progress):
-            block = blocks[i]
+            block, prefix = blocks[i], f"{layout.blocks_path}.{i}."
+            if opts.correct and dense is None and any(name.startswith(prefix) for name in plan):
+                dense = stack.enter_context(copied_store(store))
             home = next(block.parameters()).device
             block.to(opts.device)
-            done, groups = compress_block(block, f"{layout.blocks_path}.{i}.", i, groups, calls, store, plan, opts,
-                                          timings)
+            done, groups = compress_block(block, prefix, i, groups, calls, store, plan, opts, timings, dense=dense)
             records += done
             store.end_block()
+            if dense is not None:
+                dense.end_block()
             block.to(home)
     return records
 
 
-def compress_block(block, prefix, i, groups, calls, hidden, plan, opts, timings=None):
+def compress_block(block, prefix, i, groups, calls, hidden, plan, opts, timings=None, dense=None):
     """Compress block i (named `prefix`) in place and replace the hidden states by its outputs.
 
     `hidden` is an activation store (llmrom.activations); `groups` are the layout's groups, or None
     to trace them on this block. Returns (ModuleRecords, groups). `timings` (a dict) accumulates
-    seconds of forward passes (hooks included), covariance updates and factorizations.
+    seconds of forward passes (hooks included), covariance updates and factorizations. `dense`
+    (error correction) is a store of the dense model's hidden states entering the block: each group
+    is calibrated toward a dense copy of the block run on them, and they are replaced by its outputs.
     """
     timings = {} if timings is None else timings
+    if dense is not None and not (opts.correct and opts.sequential):
+        raise LlmromError("dense hidden states are used by sequential error correction only (opts.correct)")
     forward = _block_forward(block, calls, i, opts.device, timings)
     if groups is None:
         groups = trace_groups(block, lambda: forward(hidden[0]))
         log.info("traced linear groups: %s", groups)
     todo = [[n for n in g if prefix + n in plan] for g in groups]
+    dense_block = dense_forward = None
+    if dense is not None:  # the block as it is now, kept dense (itself when nothing in it is compressed)
+        dense_block = copy.deepcopy(block) if any(todo) else block
+        dense_forward = _block_forward(dense_block, calls, i, opts.device, timings)
     records = []
     with torch.no_grad():
         if opts.sequential:
             for group in todo:
-                if group:
+                if not group:
+                    continue
+                if dense is None:
                     method, moments = _group_statistics(block, group, hidden, forward, opts, timings)
-                    for n in group:
-                        records.append(_compress_one(block, prefix, n, method, moments, plan, opts, timings))
+                else:
+                    method, moments = rom_corrected, _collect_joint(block, dense_block, group[0], hidden, dense,
+                                                                    forward, dense_forward, timings)
+                for n in group:
+                    records.append(_compress_one(block, prefix, n, method, moments, plan, opts, timings))
         elif any(todo):
             wanted = [n for g in todo for n in g[:1]]
             shared = {n: g[0] for g in todo for n in g}
@@ -110,6 +144,10 @@ def compress_block(block, prefix, i, groups, calls, hidden, plan, opts, timings=
             for j, h in enumerate(tqdm(hidden, desc=f"block {i} outputs", total=len(hidden), leave=False,
                                        disable=not opts.progress)):
                 _store(hidden, j, forward(h), i)
+            if dense is not None:
+                for j, h in enumerate(tqdm(dense, desc=f"block {i} dense outputs", total=len(dense), leave=False,
+                                           disable=not opts.progress)):
+                    _store(dense, j, dense_forward(h), i)
     return records, groups
 
 
@@ -206,6 +244,38 @@ def _without_bias(module, out):
     """W x from a linear's output W x + b (in float32, the dtype the moments are accumulated from)."""
     out = out.to(torch.float32)
     return out if module.bias is None else out - module.bias.to(torch.float32)
+
+
+def _collect_joint(block, dense_block, name, hidden, dense, forward, dense_forward, timings):
+    """CrossMoments of the input of linear `name`: dense copy on the dense states, compressed block on
+    the compressed ones, micro-batch by micro-batch (same tokens), both forwards stopped at the linear."""
+    got, moments = {}, [None]
+
+    def grab_dense(mod, args):
+        got["x"] = args[0]
+        raise StopForward
+
+    def update(mod, args):
+        t0 = time.perf_counter()
+        x_hat = args[0]
+        if moments[0] is None:
+            moments[0] = CrossMoments.zeros(x_hat.shape[-1], x_hat.device)
+        moments[0].update(got.pop("x"), x_hat)
+        timings["covariance"] = timings.get("covariance", 0.0) + time.perf_counter() - t0
+        raise StopForward
+
+    handles = [dense_block.get_submodule(name).register_forward_pre_hook(grab_dense),
+               block.get_submodule(name).register_forward_pre_hook(update)]
+    try:
+        if len(hidden) != len(dense):
+            raise ValueError("the dense and compressed hidden states hold different micro-batches")
+        for h, hd in zip(hidden, dense):
+            dense_forward(hd, stop_ok=True)
+            forward(h, stop_ok=True)
+    finally:
+        for hd in handles:
+            hd.remove()
+    return moments[0]
 
 
 def _compress_one(block, prefix, name, method, moments, plan, opts, timings):
