@@ -342,9 +342,10 @@ def cmd_heal(args):
 
 def _add_stream_options(p):
     p.add_argument("--stream", action="store_true",
-                   help="read, compress and write one block at a time from a safetensors folder (memory: one block, "
-                        "its statistics and the hidden states); needs --last-blocks or --ranks-file. Not automatic: "
-                        "without it the model is loaded whole")
+                   help="read, compress and write one block at a time from a safetensors folder or a GGUF file "
+                        "(dequantized tensor by tensor; llama, qwen2/3, gemma2/3) (memory: one block, its statistics "
+                        "and the hidden states); needs --last-blocks or --ranks-file. Not automatic: without it the "
+                        "model is loaded whole")
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted --stream run from its last finished block (same options)")
 
@@ -353,10 +354,11 @@ def _compress_streaming(args, cfg, out):
     from .stream import compress_streaming
     if not args.stream:
         raise LlmromError("--resume continues a --stream run; add --stream")
-    if args.export != "factorized" or args.eval or args.gguf_file:
-        raise LlmromError("--stream writes the factorized export without --eval or --gguf-file; drop those options "
-                          "(evaluate the output folder afterwards)")
-    report = compress_streaming(args.model, out, cfg, resume=args.resume, overwrite=args.overwrite)
+    if args.export != "factorized" or args.eval:
+        raise LlmromError("--stream writes the factorized export and does not evaluate; drop --export dense and "
+                          "--eval (evaluate the output folder afterwards)")
+    source = Path(args.model).expanduser() / args.gguf_file if args.gguf_file else args.model
+    report = compress_streaming(source, out, cfg, resume=args.resume, overwrite=args.overwrite)
     t = report["totals"]
     print(f"parameters: {t['parameters_before']:,} -> {t['parameters_after']:,} "
           f"(kept {t['kept_fraction']:.4f}, budget {cfg.budget})")

@@ -1,10 +1,17 @@
-"""Compress a safetensors checkpoint block by block, never holding the whole model in memory.
+"""Compress a checkpoint block by block, never holding the whole model in memory.
+
+The source is a safetensors folder (sharded or not) or a GGUF file (a path, a folder holding one, or
+a packaged model name). A GGUF file is read tensor by tensor: each tensor is dequantized when its
+module needs it, with transformers' own name mapping and per-tensor processing
+(ggufcheckpoint.py), so the values equal those of `from_pretrained(..., gguf_file=...)` without
+ever dequantizing the whole model. Both sources answer the same interface (`Checkpoint`).
 
 The model is a skeleton on the meta device (rotary and other buffers are built for real, on the
-CPU). Parameters outside the blocks are read only when a module runs during the capture of block
-0's inputs (the embeddings), then released; then each block is read from the checkpoint,
-compressed by the same step as in-memory runs (`pipeline.compress_block`), written as its own
-shard, and released. The tensors outside the blocks (embeddings, final norm, head) are copied
+CPU); its config is the folder's config.json or the GGUF metadata, read as transformers reads it.
+Parameters outside the blocks are read only when a module runs during the capture of block 0's
+inputs (the embeddings), then released; then each block is read from the checkpoint, compressed
+by the same step as in-memory runs (`pipeline.compress_block`), written as its own shard, and
+released. The tensors outside the blocks (embeddings, final norm, head) are copied
 into the last shard one at a time. The folder is the one `llmrom.save` writes (same loader,
 identical logits); its shards are one per block.
 
@@ -37,6 +44,7 @@ from .capture import record_calls
 from .cost import count_params, macs_per_token, peak_rss_bytes
 from .errors import LlmromError
 from .factorized import FORMAT_VERSION, apply_factorization
+from .ggufcheckpoint import GgufCheckpoint
 from .io import DTYPES, check_output, factorization_meta, finish_folder, is_llmrom_folder
 from .pipeline import ModuleRecord, compress_block, prepare_inputs
 from .shards import INDEX_NAME, shard_name, tensor_entries, write_index, write_shard
@@ -46,7 +54,13 @@ JOURNAL_NAME = "journal.json"
 
 
 class Checkpoint:
-    """The tensors of a Hugging Face safetensors folder (sharded or not), read on demand."""
+    """The tensors of a Hugging Face safetensors folder (sharded or not), read on demand.
+
+    The interface streaming needs, shared with ggufcheckpoint.GgufCheckpoint: `folder`,
+    `config_source`, `name in ckpt` (Hugging Face parameter names) and `read({name: dtype})`.
+    """
+
+    config_source = "its config.json"
 
     def __init__(self, folder):
         self.folder = Path(folder)
@@ -58,7 +72,8 @@ class Checkpoint:
                 self.files = {k: single.name for k in f.keys()}
         else:
             raise LlmromError(f"{folder} has no safetensors weights (model.safetensors or {INDEX_NAME}); "
-                              "--stream reads safetensors folders: save the model with save_pretrained or drop --stream")
+                              "--stream reads safetensors folders and GGUF files: save the model with save_pretrained "
+                              "or drop --stream")
 
     def __contains__(self, name):
         return name in self.files
@@ -77,18 +92,28 @@ class Checkpoint:
 
 
 def build_skeleton(folder, dtype):
-    """The model on the meta device (parameters only: buffers such as rotary tables are real)."""
+    """The model on the meta device (parameters only: buffers such as rotary tables are real).
+
+    `folder` is a Hugging Face folder or a .gguf file, whose metadata is the config (as for `gguf_file=`).
+    """
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
-    config = AutoConfig.from_pretrained(folder)
+    folder = Path(folder)
+    if folder.is_file():
+        try:
+            config = AutoConfig.from_pretrained(folder.parent, gguf_file=folder.name)
+        except (ValueError, OSError) as e:
+            raise LlmromError(f"cannot read the config of {folder}: {str(e).splitlines()[0]}") from None
+    else:
+        config = AutoConfig.from_pretrained(folder)
     try:
         with init_empty_weights(include_buffers=False):
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     except ValueError as e:
         raise LlmromError(f"cannot build {folder} as a causal LM: {str(e).splitlines()[0]}") from None
     model.tie_weights()
-    if (Path(folder) / "generation_config.json").is_file():
+    if (folder / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(folder)
     return model.eval()
 
@@ -109,7 +134,7 @@ def materialize(module, prefix, ckpt, ties):
             src = next((a for a in ties.get(prefix + name, [prefix + name]) if a in ckpt), None)
             if src is None:
                 raise LlmromError(f"{ckpt.folder} lacks the tensor {prefix + name}: the checkpoint does not match "
-                                  "its config.json")
+                                  f"{ckpt.config_source}")
             want[name] = (src, p.dtype)
     for name, b in module.named_buffers():
         if prefix + name in ckpt:
@@ -228,13 +253,26 @@ class Partial:
 
 
 def _check_source(source):
+    """The safetensors folder or the .gguf file to stream (a packaged model name gives its GGUF file)."""
     folder = Path(os.path.expanduser(str(source)))
-    if folder.is_file() and folder.suffix == ".gguf":
-        raise LlmromError(f"{source}: --stream reads safetensors folders; GGUF files are not streamed yet "
-                          "(drop --stream to load it whole, or convert it to a safetensors folder)")
+    if not folder.exists():
+        from .packaged import PACKAGED_MODELS, resolve_packaged
+        if str(source) in PACKAGED_MODELS:
+            folder = resolve_packaged(str(source))
+    if folder.is_file():
+        if folder.suffix != ".gguf":
+            raise LlmromError(f"{source} is a file but not a .gguf; --stream reads a safetensors folder or a GGUF "
+                              "file")
+        return folder
+    if folder.is_dir() and not (folder / "config.json").is_file():
+        ggufs = sorted(folder.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return ggufs[0]
+        if ggufs:
+            raise LlmromError(f"{folder} holds {len(ggufs)} .gguf files; pass --gguf-file NAME or the file's path")
     if not (folder / "config.json").is_file():
-        raise LlmromError(f"{source} is not a local Hugging Face folder with config.json; --stream needs one "
-                          "(download the model first, or drop --stream)")
+        raise LlmromError(f"{source} is neither a local Hugging Face folder with config.json nor a .gguf file; "
+                          "--stream needs one (download the model first, or drop --stream)")
     if is_llmrom_folder(folder):
         raise LlmromError("this model is already compressed by llmrom; compress the original (dense) model "
                           "with the lower budget instead")
@@ -284,7 +322,8 @@ def _open_store(config, part, journal, hidden):
 
 def compress_streaming(source, out_dir, config, *, resume=False, overwrite=False, tokens=None, tokenizer=None,
                        progress=True, monitor=None, max_blocks=None):
-    """Compress the safetensors folder `source` into `out_dir` block by block; returns the report.
+    """Compress `source` (a safetensors folder, a .gguf file or a packaged model name) into `out_dir`
+    block by block; returns the report.
 
     `tokens` (nsamples x seqlen) overrides the calibration text (tests); `monitor(event, model, resident)` is
     called after every load and release (tests count resident parameters with it); `max_blocks`
@@ -298,8 +337,10 @@ def compress_streaming(source, out_dir, config, *, resume=False, overwrite=False
     if getattr(config, "correct", False):
         raise LlmromError("--correct is not supported with --stream yet (the resume journal keeps one copy of the "
                           "hidden states, correction needs the dense ones too); drop --stream or --correct")
-    ckpt = Checkpoint(folder)
+    ckpt = GgufCheckpoint(folder) if folder.is_file() else Checkpoint(folder)  # refuses what it cannot read
     skeleton = build_skeleton(folder, DTYPES[config.dtype])
+    if folder.is_file():
+        ckpt.bind(skeleton)
     ties = tied_names(skeleton)
     layout = layout_for(skeleton)
     blocks = skeleton.get_submodule(layout.blocks_path)
@@ -353,6 +394,13 @@ def compress_streaming(source, out_dir, config, *, resume=False, overwrite=False
 
 def _tokenizer(folder, needed):
     from transformers import AutoTokenizer
+    if folder.is_file():  # a GGUF file carries its tokenizer
+        try:
+            return AutoTokenizer.from_pretrained(folder.parent, gguf_file=folder.name)
+        except (ValueError, OSError) as e:
+            if needed:
+                raise LlmromError(f"cannot read the tokenizer of {folder}: {str(e).splitlines()[0]}") from None
+            return None
     if any((folder / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
         return AutoTokenizer.from_pretrained(folder)
     if needed:
@@ -415,7 +463,7 @@ def _outside_entries(skeleton, layout, ckpt, ties):
         elif key in buffers and buffers[key].device.type != "meta":
             entries.append((key, value.dtype, tuple(value.shape), lambda b=buffers[key]: b))
         else:
-            raise LlmromError(f"{ckpt.folder} lacks the tensor {key}: the checkpoint does not match its config.json")
+            raise LlmromError(f"{ckpt.folder} lacks the tensor {key}: the checkpoint does not match {ckpt.config_source}")
     return entries
 
 
