@@ -74,6 +74,9 @@ def parse_args(argv=None):
                     help="interleaved speed rounds against the dense model (0 skips them: on a shared 2-core "
                          "machine the ratios are noise; measure speed with `llmrom eval` on a quiet machine)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--last-blocks", type=int,
+                    help="compress this many last blocks in every same-blocks variant instead of choosing N "
+                         "automatically (ablations hold N fixed)")
     ap.add_argument("--out", default=str(RESULTS / "runs"))
     ap.add_argument("--force", action="store_true", help="re-run runs whose file exists")
     args = ap.parse_args(argv)
@@ -119,7 +122,7 @@ def run_model(model_name, args, out):
     dense_ppl = dense_res["eval"]["perplexity"]["model"]
     print(f"{name}: dense perplexity {dense_ppl:.3f}", flush=True)
     for budget in [float(b) for b in args.budgets.split(",")]:
-        last_n = None
+        last_n = args.last_blocks
         for variant in args.variants.split(","):
             path = out / f"{name}_{budget:g}_{variant}.json"
             if path.exists() and not args.force:

@@ -1,0 +1,86 @@
+"""The paper's calibration ablations with our tool: number of windows, window length, source.
+
+    python bench/ablate.py                       # SmolLM2, budget 0.8, the last N blocks of the benchmark's rom run
+    python bench/ablate.py --model gemma3-270m --budget 0.9
+
+Every setting compresses the same last N blocks (taken from bench/results/runs/<model>_<budget>_rom.json,
+or --last-blocks) with the default method at the same whole-model budget, and is evaluated with the
+benchmark's protocol (bench/run.py). One setting changes at a time from the benchmark's (128 windows
+x 128 tokens of pydoc): windows 32/128/512 (the paper's), window length 32/64/128 at 128 windows,
+and the calibration source (pydoc topics, the library reference, the language reference; all
+disjoint from the tutorial used for evaluation). Each setting is a bench/run.py results file under
+bench/results/ablation/<model>_<budget>/<setting>/ (skipped when present, so it resumes), and the
+table goes to bench/results/ablation_<model>_<budget>.md.
+"""
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))  # bench/run.py, also when this file is loaded by path (tests)
+import run  # noqa: E402
+
+HERE = Path(__file__).parent
+SETTINGS = {  # name: (calib, nsamples, seqlen)
+    "n32": ("pydoc", 32, 128),
+    "n128": ("pydoc", 128, 128),
+    "n512": ("pydoc", 512, 128),
+    "len32": ("pydoc", 128, 32),
+    "len64": ("pydoc", 128, 64),
+    "src-library": ("python-docs:library", 128, 128),
+    "src-reference": ("python-docs:reference", 128, 128),
+}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--budget", type=float, default=0.8)
+    ap.add_argument("--last-blocks", type=int, help="default: N of the benchmark's rom run at this budget")
+    ap.add_argument("--settings", default=",".join(SETTINGS), help=f"any of {', '.join(SETTINGS)}")
+    ap.add_argument("--results", default=str(HERE / "results"), help="results folder (the benchmark's)")
+    args, passed = ap.parse_known_args(argv)  # the rest goes to bench/run.py (evaluation options)
+    unknown = [s for s in args.settings.split(",") if s not in SETTINGS]
+    if unknown:
+        ap.error(f"unknown settings {unknown}; choose from {list(SETTINGS)}")
+    name = run.stem(args.model)
+    last_n = args.last_blocks
+    if last_n is None:
+        ref = Path(args.results) / "runs" / f"{name}_{args.budget:g}_rom.json"
+        if not ref.exists():
+            raise SystemExit(f"{ref} not found: run bench/run.py for this model and budget first, or give --last-blocks")
+        last_n = json.loads(ref.read_text())["plan"]["last_blocks"]
+    root = Path(args.results) / "ablation" / f"{name}_{args.budget:g}"
+    for setting in args.settings.split(","):
+        calib, nsamples, seqlen = SETTINGS[setting]
+        dense = Path(args.results) / "runs" / f"{name}_dense.json"
+        (root / setting).mkdir(parents=True, exist_ok=True)
+        if dense.exists() and not (root / setting / dense.name).exists():  # evaluation of the dense model is
+            shutil.copy(dense, root / setting / dense.name)  # independent of the calibration: reuse it
+        run.main(["--models", args.model, "--budgets", str(args.budget), "--variants", "rom", "--calib", calib,
+                  "--nsamples", str(nsamples), "--seqlen", str(seqlen), "--last-blocks", str(last_n),
+                  "--out", str(root / setting), *passed])
+    write_table(Path(args.results), root, name, args.budget, last_n)
+
+
+def write_table(results, root, name, budget, last_n):
+    rows = ["| setting | calibration | kept | perplexity | KL | top-1 | compress s |", "|---|---|---:|---:|---:|---:|---:|"]
+    for setting in SETTINGS:
+        f = root / setting / f"{name}_{budget:g}_rom.json"
+        if not f.exists():
+            continue
+        r = json.loads(f.read_text())
+        e = r["eval"]
+        rows.append(f"| {setting} | {r['protocol']['calibration']} | {r['totals']['kept_fraction']:.4f} "
+                    f"| {e['perplexity']['model']:.3f} | {e['fidelity']['kl_mean']:.3f} "
+                    f"| {e['fidelity']['top1_agreement']:.3f} | {r['compress_seconds']:.0f} |")
+    text = (f"# Calibration ablations: {name}, budget {budget:g}, last {last_n} blocks, default method\n\n"
+            + "\n".join(rows) + "\n")
+    (results / f"ablation_{name}_{budget:g}.md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
