@@ -81,7 +81,8 @@ def choose_plan(model, layout, shapes, total, tokens, cfg, opts):
 
 def loop_options(config, progress=True):
     return LoopOptions(config.method, config.centered, config.sequential, config.batch_size, config.device,
-                       progress, config.activations, config.activations_dtype)
+                       progress, config.activations, config.activations_dtype, config.sparse, config.sparse_select,
+                       config.sparse_rounds)
 
 
 def compress(model, tokenizer, config: CompressConfig, progress=True, tokens=None):
