@@ -83,7 +83,8 @@ def loop_options(config, progress=True):
     return LoopOptions(method=config.method, centered=config.centered, sequential=config.sequential,
                        batch_size=config.batch_size, device=config.device, progress=progress,
                        activations=config.activations, activations_dtype=config.activations_dtype,
-                       correct=config.correct)
+                       correct=config.correct, sparse=config.sparse, sparse_select=config.sparse_select,
+                       sparse_rounds=config.sparse_rounds)
 
 
 def compress(model, tokenizer, config: CompressConfig, progress=True, tokens=None):

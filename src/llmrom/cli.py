@@ -20,7 +20,7 @@ def _add_config_options(p):
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
         else:
             kind = {"budget": float, "module_budget": float, "last_blocks": int, "nsamples": int,
-                    "seqlen": int, "seed": int, "batch_size": int}.get(name, str)
+                    "seqlen": int, "seed": int, "batch_size": int, "sparse": float, "sparse_rounds": int}.get(name, str)
             p.add_argument(flag, type=kind, default=default,
                            help=f"{help_text} (default: {default})" if default is not None else help_text)
 
@@ -146,12 +146,15 @@ def cmd_info(args):
     if "evaluation" in report:
         e = report["evaluation"]
         print(f"perplexity on {e['source']}: {e['perplexity_before']:.3f} -> {e['perplexity_after']:.3f}")
-    print(f"{'module':<45} {'d_out x d_in':>13} {'rank':>6} {'params':>17} {'expl.var':>8} {'rel.err':>7}")
+    sparse = any(m.get("nnz") for m in report["modules"])
+    print(f"{'module':<45} {'d_out x d_in':>13} {'rank':>6} " + (f"{'nonzeros':>8} " if sparse else "")
+          + f"{'params':>17} {'expl.var':>8} {'rel.err':>7}")
     for m in report["modules"]:
         rank = "dense" if m["rank"] is None else m["rank"]
         ev = "-" if m["explained_variance"] is None else f"{m['explained_variance']:.4f}"
         er = "-" if m["relative_error"] is None else f"{m['relative_error']:.4f}"
-        print(f"{m['name']:<45} {m['d_out']:>6}x{m['d_in']:<6} {rank:>6} "
+        nnz = f"{m.get('nnz', 0):>8} " if sparse else ""
+        print(f"{m['name']:<45} {m['d_out']:>6}x{m['d_in']:<6} {rank:>6} {nnz}"
               f"{m['params_before']:>8}->{m['params_after']:<8} {ev:>8} {er:>7}")
     return 0
 

@@ -54,6 +54,19 @@ class CompressConfig:
                                  "(two files beside the output, one micro-batch in memory at a time)")
     activations_dtype: str | None = _f(None, "dtype the hidden states are kept in between blocks: float32, "
                                              "bfloat16 or float16 (halves their memory; default: --dtype)")
+    sparse: float = _f(0.0, "low-rank plus sparse: fraction s in [0, 1) of each factorized matrix's parameter "
+                            "budget P (what its planned rank r costs) given to a sparse residual; 0: off. The "
+                            "factors get rank floor((1 - s) r); the residual W - factors keeps as many entries as "
+                            "the rest of P pays for, chosen on the calibration data by |R_ij| sqrt(E[x_j^2]) (input "
+                            "variance when centred) and refitted by least squares; where plain rank-r factors fit "
+                            "the calibration data better they are kept instead. Stored as CSR and counted in full: "
+                            "a nonzero costs 2 parameters (value + int32 column index) and the d_out + 1 row "
+                            "pointers count too, so plans and the whole-model --budget are the same as without it")
+    sparse_select: str = _f("entries", "support of the sparse residual: entries (the most salient single "
+                                       "entries) or channels (whole input columns, LOST-style)")
+    sparse_rounds: int = _f(3, "with --sparse: rounds of alternating fits; each extra round refits the factors "
+                               "to W - sparse part and the sparse part to the new residual (robust-PCA style), "
+                               "keeping the round with the lowest calibration output error")
 
     def __post_init__(self):
         if self.budget is not None and not 0 < self.budget <= 1:
@@ -96,6 +109,13 @@ class CompressConfig:
             raise LlmromError(f"--dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
         if self.activations not in ("cpu", "disk"):
             raise LlmromError(f"--activations must be cpu or disk, got {self.activations!r}")
+        if isinstance(self.sparse, bool) or not isinstance(self.sparse, (int, float)) or not 0 <= self.sparse < 1:
+            raise LlmromError(f"--sparse must be a fraction in [0, 1) of each module's budget (0: off), "
+                              f"got {self.sparse!r}")
+        if self.sparse_select not in ("entries", "channels"):
+            raise LlmromError(f"--sparse-select must be entries or channels, got {self.sparse_select!r}")
+        if isinstance(self.sparse_rounds, bool) or not isinstance(self.sparse_rounds, int) or self.sparse_rounds < 1:
+            raise LlmromError(f"--sparse-rounds must be a positive integer, got {self.sparse_rounds!r}")
         if self.activations_dtype not in (None, "float32", "bfloat16", "float16"):
             raise LlmromError(f"--activations-dtype must be float32, bfloat16 or float16, got {self.activations_dtype!r}")
 

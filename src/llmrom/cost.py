@@ -6,13 +6,16 @@ from .arch import is_linear
 
 
 def count_params(model):
-    """Unique parameters (tied embeddings counted once)."""
-    return sum(p.numel() for p in model.parameters())
+    """Unique parameters (tied embeddings counted once), plus the integer indices of sparse residuals
+    (llmrom.factorized.FactorizedLinear.stored_indices: one parameter per stored int32)."""
+    return sum(p.numel() for p in model.parameters()) + sum(getattr(m, "stored_indices", 0) for m in model.modules())
 
 
 def linear_macs_per_token(model):
-    """Multiply-accumulates of every linear layer (factorized ones count both factors) for one token."""
-    return sum(m.weight.numel() for m in model.modules() if is_linear(m))
+    """Multiply-accumulates of every linear layer (factorized ones count both factors and their sparse
+    residual's nonzeros) for one token."""
+    return (sum(m.weight.numel() for m in model.modules() if is_linear(m))
+            + sum(getattr(m, "nnz", 0) for m in model.modules() if hasattr(m, "stored_indices")))
 
 
 def attention_macs_per_token(model, seqlen=128):

@@ -8,40 +8,96 @@ installed. Keep it free of llmrom imports.
 Metadata lives in `config.llmrom`:
     {"format_version": 1, "method": "rom", "base_architecture": "LlamaForCausalLM",
      "modules": {"model.layers.29.mlp.down_proj": {"rank": 123, "bias": false}, ...}}
+A module with a sparse residual (low-rank plus sparse) also has "nnz": its number of stored
+nonzeros; a folder with any such module is written as format_version 2, so that llmrom versions
+which do not know the sparse part refuse it instead of loading the factors without it.
 """
+
+import warnings
 
 import torch
 from torch import nn
 
-FORMAT_VERSION = 1
+warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
+
+FORMAT_VERSION = 1  # low-rank factors only
+SPARSE_FORMAT_VERSION = 2  # some modules add a sparse residual ("nnz" in their metadata)
+READABLE_VERSIONS = (FORMAT_VERSION, SPARSE_FORMAT_VERSION)
 
 
 class FactorizedLinear(nn.Module):
-    """y = second(first(x)): `first` (rank x in) is V_r^T W, `second` (out x rank) is V_r.
+    """y = second(first(x)) [+ S x]: `first` (rank x in) is V_r^T W, `second` (out x rank) is V_r.
 
     `second` carries the bias: the original bias plus, for centred PCA, the restored mean.
+    With `nnz` > 0 the module also holds a sparse residual S (out x in) in CSR form: `sparse_values`
+    (nnz, a parameter in the model's dtype), `sparse_col` (nnz column indices, int32) and
+    `sparse_crow` (out + 1 row pointers, int32); nonzeros are ordered by row, then column.
     """
 
-    def __init__(self, in_features, out_features, rank, bias, dtype=None, device=None):
+    def __init__(self, in_features, out_features, rank, bias, dtype=None, device=None, nnz=0):
         super().__init__()
-        self.in_features, self.out_features, self.rank = in_features, out_features, rank
+        self.in_features, self.out_features, self.rank, self.nnz = in_features, out_features, rank, nnz
         self.first = nn.Linear(in_features, rank, bias=False, dtype=dtype, device=device)
         self.second = nn.Linear(rank, out_features, bias=bias, dtype=dtype, device=device)
+        if nnz:
+            self.sparse_values = nn.Parameter(torch.zeros(nnz, dtype=dtype, device=device))
+            self.register_buffer("sparse_col", torch.zeros(nnz, dtype=torch.int32, device=device))
+            self.register_buffer("sparse_crow", torch.zeros(out_features + 1, dtype=torch.int32, device=device))
 
     def forward(self, x):
-        return self.second(self.first(x))
+        y = self.second(self.first(x))
+        return y + self.sparse_forward(x) if self.nnz else y
+
+    def sparse_rows(self):
+        """Row index of every nonzero (int64), expanded from the CSR row pointers."""
+        counts = (self.sparse_crow[1:] - self.sparse_crow[:-1]).long()
+        rows = torch.arange(self.out_features, device=counts.device)
+        return torch.repeat_interleave(rows, counts, output_size=self.nnz)
+
+    def sparse_forward(self, x, chunk_elements=1 << 24):
+        """S x: a CSR sparse-dense product for float32/float64 (torch's CSR kernels), otherwise (e.g.
+        bfloat16 on CPU, which those kernels lack) plain gather / index_add over chunks of tokens, the
+        (tokens x nnz) products kept below `chunk_elements`. Both are differentiable in the values."""
+        flat = x.reshape(-1, self.in_features)
+        if self.sparse_values.dtype in (torch.float32, torch.float64) and flat.dtype == self.sparse_values.dtype:
+            s = torch.sparse_csr_tensor(self.sparse_crow, self.sparse_col, self.sparse_values,
+                                        (self.out_features, self.in_features), check_invariants=False)
+            return (s @ flat.T).T.reshape(*x.shape[:-1], self.out_features)
+        rows, cols = self.sparse_rows(), self.sparse_col.long()
+        step = max(1, chunk_elements // self.nnz)
+        outs = []
+        for i in range(0, max(flat.shape[0], 1), step):
+            part = flat[i:i + step].index_select(1, cols) * self.sparse_values
+            outs.append(part.new_zeros(part.shape[0], self.out_features).index_add_(1, rows, part))
+        out = outs[0] if len(outs) == 1 else torch.cat(outs)
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+    def sparse_dense(self):
+        """The sparse residual as a dense (out x in) matrix."""
+        s = self.second.weight.new_zeros(self.out_features, self.in_features)
+        if self.nnz:
+            s = s.index_put((self.sparse_rows(), self.sparse_col.long()), self.sparse_values.to(s.dtype))
+        return s
+
+    @property
+    def stored_indices(self):
+        """Integer entries stored beside the parameters (column indices and row pointers); they count
+        as parameters in llmrom's budget (one each, like an int32 next to a float32 value)."""
+        return self.nnz + self.out_features + 1 if self.nnz else 0
 
     @property
     def weight(self):
         """The merged (out x in) weight; for code that inspects `.weight` (e.g. dtype checks)."""
-        return self.second.weight @ self.first.weight
+        w = self.second.weight @ self.first.weight
+        return w + self.sparse_dense() if self.nnz else w
 
     @property
     def bias(self):
         return self.second.bias
 
     def extra_repr(self):
-        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
+        sparse = f", nnz={self.nnz}" if self.nnz else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}{sparse}"
 
 
 def replace_module(root, dotted_name, new_module):
@@ -53,9 +109,9 @@ def replace_module(root, dotted_name, new_module):
 
 def apply_factorization(model, meta, dtype=None, device=None):
     """Swap every module named in `meta["modules"]` for an empty FactorizedLinear of its rank."""
-    if meta.get("format_version") != FORMAT_VERSION:
+    if meta.get("format_version") not in READABLE_VERSIONS:
         raise ValueError(
-            f"llmrom format_version {meta.get('format_version')} is not {FORMAT_VERSION}; "
+            f"llmrom format_version {meta.get('format_version')} is not one of {READABLE_VERSIONS}; "
             "upgrade llmrom to read this folder"
         )
     for name, spec in meta["modules"].items():
@@ -64,7 +120,7 @@ def apply_factorization(model, meta, dtype=None, device=None):
         w = old.weight
         new = FactorizedLinear(
             in_f, out_f, spec["rank"], spec["bias"],
-            dtype=dtype or w.dtype, device=device if device is not None else w.device,
+            dtype=dtype or w.dtype, device=device if device is not None else w.device, nnz=spec.get("nnz", 0),
         )
         replace_module(model, name, new)
     return model

@@ -20,7 +20,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from . import factorized
 from .errors import LlmromError
-from .factorized import FORMAT_VERSION, FactorizedLinear, make_factorized_class
+from .factorized import FORMAT_VERSION, SPARSE_FORMAT_VERSION, FactorizedLinear, make_factorized_class
 
 log = logging.getLogger(__name__)
 REPORT_NAME = "llmrom_report.json"
@@ -105,13 +105,23 @@ def load(folder, dtype=None, device=None):
     return model.eval(), AutoTokenizer.from_pretrained(folder) if has_tokenizer else None
 
 
+def module_meta(m):
+    """The metadata of one FactorizedLinear: rank, bias, and nnz when it has a sparse residual."""
+    spec = {"rank": m.rank, "bias": m.second.bias is not None}
+    if m.nnz:
+        spec["nnz"] = m.nnz
+    return spec
+
+
 def factorization_meta(model, method, centered):
-    modules = {n: {"rank": m.rank, "bias": m.second.bias is not None}
-               for n, m in model.named_modules() if isinstance(m, FactorizedLinear)}
+    """`config.llmrom`. Format version 1 unless a module has a sparse residual (then 2), so folders
+    without one stay readable by llmrom versions that predate the sparse residual."""
+    modules = {n: module_meta(m) for n, m in model.named_modules() if isinstance(m, FactorizedLinear)}
     base = type(model)
     while base.__name__.startswith("Llmrom"):
         base = base.__bases__[0]
-    return {"format_version": FORMAT_VERSION, "method": method, "centered": centered,
+    version = SPARSE_FORMAT_VERSION if any("nnz" in v for v in modules.values()) else FORMAT_VERSION
+    return {"format_version": version, "method": method, "centered": centered,
             "base_architecture": base.__name__, "modules": modules}
 
 
@@ -186,7 +196,7 @@ def dense_state_dict(model, meta):
                               "layer has none); compress with --no-centered to export dense")
         for k in [k for k in state if k.startswith(name + ".")]:
             del state[k]
-        w = mod.second.weight @ mod.first.weight
+        w = mod.weight  # factors merged, plus the sparse residual
         state[f"{name}.weight"] = w if isinstance(orig, torch.nn.Linear) else w.T.contiguous()  # Conv1D: (in, out)
         if mod.second.bias is not None:
             state[f"{name}.bias"] = mod.second.bias

@@ -32,6 +32,7 @@ from .errors import LlmromError, NonFiniteError
 from .factorized import FactorizedLinear, replace_module
 from .methods import METHODS, rom_corrected, rom_from_outputs
 from .ranks import LinearShape
+from .sparse import low_rank_plus_sparse
 from .stats import CrossMoments, Moments
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,7 @@ class ModuleRecord:
     seconds: float
     note: str = ""
     explained_curve: list | None = None  # explained variance at ranks CURVE_FRACTIONS * min(d_in, d_out)
+    nnz: int = 0  # nonzeros of the sparse residual (params_after counts 2 each plus d_out + 1 row pointers)
 
     def to_dict(self):
         return asdict(self)
@@ -67,6 +69,9 @@ class LoopOptions:
     activations_dtype: str | None = None  # their dtype; None: the model's
     output_stats: bool = True  # rom, sequential: factorize d_out < d_in single-linear groups from output moments
     correct: bool = False  # calibrate toward the dense model's outputs (needs sequential and rom)
+    sparse: float = 0.0  # fraction of each module's budget given to a sparse residual (llmrom.sparse)
+    sparse_select: str = "entries"  # its support: entries or channels
+    sparse_rounds: int = 3  # alternating rounds of factors and sparse part
 
     def __post_init__(self):
         if self.correct and not self.sequential:
@@ -74,6 +79,9 @@ class LoopOptions:
                               "drop --correct or --no-sequential")
         if self.correct and self.method != "rom":
             raise LlmromError(f"error correction is implemented for --method rom only, not {self.method}")
+        if self.correct and self.sparse:
+            raise LlmromError("--correct and --sparse cannot be combined yet (the sparse part is fitted to the "
+                              "layer's own inputs); drop one of them")
 
 
 def compress_blocks(model, layout, tokens, plan, opts, timings=None):
@@ -184,7 +192,7 @@ def _block_forward(block, calls, i, device, timings):
 def uses_output_stats(block, group, opts):
     """Whether a sequential group is factorized from the moments of its outputs: `rom`, one linear,
     d_out < d_in (its output statistics are then the smaller ones)."""
-    if not (opts.output_stats and opts.sequential and opts.method == "rom" and len(group) == 1):
+    if not (opts.output_stats and opts.sequential and opts.method == "rom" and len(group) == 1 and not opts.sparse):
         return False
     d_out, d_in = weight_matrix(block.get_submodule(group[0])).shape
     return d_out < d_in
@@ -292,7 +300,7 @@ def _factorize_into(block, prefix, name, method, moments, plan, opts, t0):
     moments.check_finite(full)
     module = block.get_submodule(name)
     w = weight_matrix(module)
-    shape = LinearShape.of(full, -1, w, module.bias is not None, opts.centered)
+    shape = LinearShape.of(full, -1, w, module.bias is not None, opts.centered, opts.sparse)
     rank = plan[full]
     if not shape.worthwhile(rank):
         return ModuleRecord(full, shape.d_in, shape.d_out, None, shape.dense_params, shape.dense_params,
@@ -301,22 +309,33 @@ def _factorize_into(block, prefix, name, method, moments, plan, opts, t0):
                             f"{shape.dense_params} parameters")
     if not torch.isfinite(w).all():
         raise NonFiniteError(f"non-finite weights in {full}: the checkpoint is damaged or overflowed on loading")
+    low, nnz = shape.split(rank)
+    bias_in = module.bias.detach() if module.bias is not None else None
     try:
-        f = method(w.detach(), module.bias.detach() if module.bias is not None else None, moments, rank,
-                   opts.centered)
+        if nnz:  # input moments: uses_output_stats is off when sparse, and --correct is refused with it
+            f = low_rank_plus_sparse(method, w.detach(), bias_in, moments, low, nnz, opts.centered,
+                                     opts.sparse_select, opts.sparse_rounds, plain_rank=rank)
+        else:
+            f = method(w.detach(), bias_in, moments, low, opts.centered)
     except NonFiniteError as e:
         raise NonFiniteError(f"{full}: {e}") from None
-    new = FactorizedLinear(shape.d_in, shape.d_out, rank, f.bias is not None, dtype=w.dtype, device=w.device)
+    low, nnz = f.first.shape[0], f.sparse.nnz if f.sparse is not None else 0  # the plain fit may have won
+    new = FactorizedLinear(shape.d_in, shape.d_out, low, f.bias is not None, dtype=w.dtype, device=w.device, nnz=nnz)
     new.first.weight.copy_(f.first)
     new.second.weight.copy_(f.second)
     if f.bias is not None:
         new.second.bias.copy_(f.bias)
+    if nnz:
+        new.sparse_values.copy_(f.sparse.values)
+        new.sparse_col.copy_(f.sparse.col)
+        new.sparse_crow.copy_(f.sparse.crow)
     replace_module(block, name, new)
     bias = shape.d_out if module.bias is not None else 0
-    params_before, params_after = shape.dense_params + bias, shape.factor_params(rank) + bias
-    return ModuleRecord(full, shape.d_in, shape.d_out, rank, params_before, params_after,
+    params_before = shape.dense_params + bias
+    params_after = shape.factor_params(low) + shape.sparse_params(nnz) + bias
+    return ModuleRecord(full, shape.d_in, shape.d_out, low, params_before, params_after,
                         f.explained, f.relative_error, time.perf_counter() - t0,
-                        explained_curve=explained_curve(f.spectrum, min(shape.d_in, shape.d_out)))
+                        explained_curve=explained_curve(f.spectrum, min(shape.d_in, shape.d_out)), nnz=nnz)
 
 
 CURVE_FRACTIONS = (0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)

@@ -1,6 +1,12 @@
 """Budget -> ranks. A "plan" maps a module's dotted name to its rank; modules absent stay dense.
 
 Budget is the paper's: the fraction of the WHOLE model's parameters kept (embeddings count).
+
+With a sparse residual (--sparse s), a plan's rank r still names the module's parameter budget,
+P = factor_params(r), and plans are made (and the budget met) exactly as without one. The module
+spends at most P: factors of rank floor((1 - s) r) plus a CSR sparse residual filling the rest
+(LinearShape.split; P or P - 1, as a nonzero costs 2), or the plain rank-r factors where those fit
+the calibration data better (llmrom.sparse.low_rank_plus_sparse).
 """
 
 import json
@@ -18,11 +24,12 @@ class LinearShape:
     d_in: int
     d_out: int
     added_bias: int = 0  # d_out when centring must add a bias the dense layer lacks
+    sparse: float = 0.0  # fraction of the module's budget given to a sparse residual
 
     @classmethod
-    def of(cls, name, block, weight, has_bias, centered):
+    def of(cls, name, block, weight, has_bias, centered, sparse=0.0):
         d_out, d_in = weight.shape
-        return cls(name, block, d_in, d_out, d_out if centered and not has_bias else 0)
+        return cls(name, block, d_in, d_out, d_out if centered and not has_bias else 0, sparse)
 
     @property
     def dense_params(self):
@@ -30,6 +37,27 @@ class LinearShape:
 
     def factor_params(self, rank):
         return rank * (self.d_in + self.d_out) + self.added_bias
+
+    def sparse_params(self, nnz):
+        """Stored entries of a CSR residual: nnz values + nnz int32 column indices + d_out + 1 row pointers."""
+        return 2 * nnz + self.d_out + 1 if nnz else 0
+
+    def split(self, rank):
+        """(factor rank, nonzeros) spending the budget P = factor_params(rank) of a plan's `rank`:
+        factors of rank max(1, floor((1 - sparse) rank)), then as many nonzeros as the rest pays for.
+        (rank, 0) when sparse is 0 or the rest cannot pay for the row pointers and one nonzero."""
+        low = max(1, int((1 - self.sparse) * rank + 1e-9)) if self.sparse else rank
+        if low >= rank:
+            return rank, 0
+        nnz = min((self.factor_params(rank) - self.factor_params(low) - self.d_out - 1) // 2,
+                  self.d_in * self.d_out)
+        return (low, nnz) if nnz >= 1 else (rank, 0)
+
+    def params_after(self, rank):
+        """Parameters the sparse split of a plan's `rank` stores (factors, added bias, sparse residual);
+        at most factor_params(rank), the budget plans count."""
+        low, nnz = self.split(rank)
+        return self.factor_params(low) + self.sparse_params(nnz)
 
     def paper_rank(self, module_budget):
         """Rank that keeps `module_budget` of the matrix's parameters: floor(b d_in d_out / (d_in + d_out))."""

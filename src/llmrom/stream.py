@@ -45,7 +45,7 @@ from .cost import count_params, macs_per_token, peak_rss_bytes
 from .errors import LlmromError
 from .factorized import FORMAT_VERSION, apply_factorization
 from .ggufcheckpoint import GgufCheckpoint
-from .io import DTYPES, check_output, factorization_meta, finish_folder, is_llmrom_folder
+from .io import DTYPES, check_output, factorization_meta, finish_folder, is_llmrom_folder, module_meta
 from .pipeline import ModuleRecord, compress_block, prepare_inputs
 from .shards import INDEX_NAME, shard_name, tensor_entries, write_index, write_shard
 
@@ -434,8 +434,7 @@ def _one_block(skeleton, blocks, i, n, layout, groups, calls, store, plan, opts,
     timings["activations"] += time.perf_counter() - t
     records.extend(done)
     modules = dict(part.journal["modules"])
-    modules.update({r.name: {"rank": r.rank, "bias": block.get_submodule(r.name[len(prefix):]).second.bias is not None}
-                    for r in done if r.rank is not None})
+    modules.update({r.name: module_meta(block.get_submodule(r.name[len(prefix):])) for r in done if r.rank is not None})
     weight_map = dict(part.journal["weight_map"])
     weight_map.update({k: name for k in block.state_dict(prefix=prefix)})
     part.commit(blocks_done=i + 1, hidden=hidden, groups=[list(g) for g in groups], records=[r.to_dict() for r in records],
