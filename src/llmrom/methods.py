@@ -258,14 +258,4 @@ def expected_error(diff, bias, new_bias, moments, second_moment):
     return residual
 
 
-def expected_error(diff, bias, new_bias, moments, second_moment):
-    """E||(W x + b) - (W_hat x + b_hat)||^2 over the calibration inputs, with diff = W - W_hat (a tensor)."""
-    bias_shift = (new_bias if new_bias is not None else 0) - (bias.to(torch.float64) if bias is not None else 0)
-    # E||D x - shift||^2 = tr(D M D^T) - 2 shift . D m + |shift|^2   (shift: bias change, 0 or the mean term)
-    residual = torch.einsum("ij,jk,ik->", diff, second_moment, diff)
-    if new_bias is not None:
-        residual = residual - 2 * bias_shift @ (diff @ moments.mean()) + bias_shift @ bias_shift
-    return residual
-
-
 METHODS = {"rom": rom, "svd": svd, "whitened_svd": whitened_svd}
