@@ -7,7 +7,8 @@ Training text: python-docs:library; held-out: python-docs:tutorial (checked disj
 perplexity: the first --eval-windows windows of 512 tokens of the tutorial; early stopping looks
 only at the LAST --val-windows windows of the tutorial, so model selection never sees the reported
 windows. Compressed folders are cached in --work. Writes bench/results/heal_<model>_<budget>.json
-and .md after every run (a partial table survives an interruption).
+and .md after every run; runs already in that file with the same protocol are kept and skipped,
+so an interrupted benchmark resumes (delete a run from the file to redo it).
 
     python bench/heal.py --model smollm2-135m --budgets 0.8
 """
@@ -62,6 +63,15 @@ def table(r):
     if r.get("not_run"):
         lines += ["", "Not run: " + ", ".join(r["not_run"])]
     return "\n".join(lines) + "\n"
+
+
+def previous_runs(path, result):
+    """Runs already in `path` when it was made with the same protocol (so a benchmark resumes), else []."""
+    if not path.exists():
+        return []
+    old = json.loads(path.read_text())
+    same = all(old.get(k) == result[k] for k in ("calibration_windows", "data", "eval", "heal"))
+    return old["runs"] if same else []
 
 
 def compressed_folder(work, model_name, budget, nsamples, dense, tok):
@@ -125,7 +135,10 @@ def main():
                                   "machine": platform.machine()},
                   "runs": [], "not_run": []}
         name = f"heal_{args.model}_{budget}"
-        jobs = [(w, m) for m in modes for w in (("compressed", "dense") if args.dense else ("compressed",))]
+        result["runs"] = previous_runs(Path(args.out) / f"{name}.json", result)
+        done = {(x["model"], x["mode"]) for x in result["runs"]}
+        jobs = [(w, m) for m in modes for w in (("compressed", "dense") if args.dense else ("compressed",))
+                if (w, m) not in done]
         for which, mode in jobs:
             model = llmrom.load(folder)[0] if which == "compressed" else copy.deepcopy(dense)
             cfg = HealConfig(**MODES[mode], **common)
@@ -136,7 +149,7 @@ def main():
                 "model": which, "mode": mode, "perplexity_before": small_ppl if which == "compressed" else dense_ppl,
                 "perplexity_after": after, "steps": rec["steps"], "tokens": rec["tokens"],
                 "stopped_early": rec["stopped_early"], "best_step": rec["evaluation"]["best_step"],
-                "trainable_parameters": rec["trainable_parameters"], "lr": cfg.learning_rate,
+                "trainable_parameters": rec["trainable_parameters"], "lr": cfg.learning_rate, "config": cfg.to_dict(),
                 "train_seconds": rec["train_seconds"], "wall_seconds": time.perf_counter() - t0,
                 "peak_rss_bytes": rec["peak_rss_bytes"], "val_history": rec["evaluation"]["history"]})
             print(f"{which} {mode}: {result['runs'][-1]['perplexity_before']:.3f} -> {after:.3f}", flush=True)

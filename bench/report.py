@@ -86,6 +86,28 @@ def target_table(by_model):
     return "\n".join(lines) if len(lines) > 2 else ""
 
 
+HEAL_BEGIN, HEAL_END = "<!-- heal:begin (bench/report.py writes this) -->", "<!-- heal:end -->"
+
+
+def heal_table(results):
+    """One table of every bench/heal.py run committed in `results` (heal_<model>_<budget>.json)."""
+    lines = ["| model | budget | healed | mode | perplexity before | after | change | steps | train s | peak RSS GiB |",
+             "|---|---:|---|---|---:|---:|---:|---:|---:|---:|"]
+    for f in sorted(Path(results).glob("heal_*.json")):
+        r = json.loads(f.read_text())
+        for x in r["runs"]:
+            lines.append(f"| {r['model']} | {r['budget']:g} | {x['model']} | {x['mode']} | {x['perplexity_before']:.2f} "
+                         f"| {x['perplexity_after']:.2f} | {x['perplexity_after'] / x['perplexity_before'] - 1:+.0%} "
+                         f"| {x['steps']} | {x['train_seconds']:.0f} | {x['peak_rss_bytes'] / 2**30:.2f} |")
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
+def replace_between(text, begin, end, body, where):
+    if begin not in text:
+        raise SystemExit(f"{where} has no '{begin}' marker; add the markers where the generated part goes")
+    return re.sub(re.escape(begin) + ".*?" + re.escape(end), lambda _: f"{begin}\n{body}\n{end}", text, flags=re.S)
+
+
 def plot_ppl(by_model, path):
     fig, axes = plt.subplots(1, len(by_model), figsize=(5 * len(by_model), 4), squeeze=False)
     for ax, (model, runs) in zip(axes[0], sorted(by_model.items())):
@@ -190,11 +212,10 @@ def main(argv=None):
     (out / "summary.md").write_text(summary + "\n")
     if args.readme:
         readme = Path(args.readme)
-        text = readme.read_text()
-        if BEGIN not in text:
-            raise SystemExit(f"{readme} has no '{BEGIN}' marker; add the markers where the results go")
-        text = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _: f"{BEGIN}\n{summary}\n{END}", text,
-                      flags=re.S)
+        text = replace_between(readme.read_text(), BEGIN, END, summary, readme)
+        heal = heal_table(out)
+        if heal and HEAL_BEGIN in text:
+            text = replace_between(text, HEAL_BEGIN, HEAL_END, heal, readme)
         readme.write_text(text)
     print(summary)
 

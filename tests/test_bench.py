@@ -76,3 +76,15 @@ def test_ablation_smoke(tiny_folder, tmp_path):
     assert all(r["totals"]["kept_fraction"] <= 0.8 for r in runs.values())
     table = (tmp_path / f"ablation_{name}_0.8.md").read_text()
     assert "| n32 |" in table and "| len32 |" in table and "| n512 |" not in table
+
+
+def test_report_writes_the_heal_table_from_heal_files(tmp_path):
+    report = bench_module("report")
+    run = {"model": "compressed", "mode": "lora", "perplexity_before": 40.0, "perplexity_after": 30.0, "steps": 8,
+           "train_seconds": 50.0, "peak_rss_bytes": 2**31}
+    (tmp_path / "heal_m_0.8.json").write_text(json.dumps({"model": "m", "budget": 0.8, "runs": [run]}))
+    text = f"x\n{report.HEAL_BEGIN}\nold\n{report.HEAL_END}\ny\n"
+    table = report.heal_table(tmp_path)
+    out = report.replace_between(text, report.HEAL_BEGIN, report.HEAL_END, table, "README")
+    assert "| m | 0.8 | compressed | lora | 40.00 | 30.00 | -25% | 8 | 50 | 2.00 |" in out
+    assert "old" not in out and out.endswith("y\n")
