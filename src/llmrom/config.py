@@ -11,6 +11,20 @@ def _f(default, help):
     return field(default=default, metadata={"help": help})
 
 
+def check_correction(correct, sequential, method, sparse):
+    """Refuse --correct where it cannot work (one place for CompressConfig and pipeline.LoopOptions)."""
+    if not correct:
+        return
+    if not sequential:
+        raise LlmromError("--correct calibrates toward the dense model from the compressed model's inputs; "
+                          "with --no-sequential both are the dense ones: drop one of the two")
+    if method != "rom":
+        raise LlmromError(f"--correct is implemented for --method rom only, not {method}")
+    if sparse:
+        raise LlmromError("--correct and --sparse cannot be combined yet (the sparse part is fitted to the "
+                          "layer's own inputs); drop one of them")
+
+
 @dataclass(frozen=True)
 class CompressConfig:
     budget: float | None = _f(None, "fraction of the WHOLE model's parameters to keep, in (0, 1] (embeddings "
@@ -90,11 +104,7 @@ class CompressConfig:
         from .methods import METHODS
         if self.method not in METHODS:
             raise LlmromError(f"unknown --method {self.method!r}; choose one of {sorted(METHODS)}")
-        if self.correct and not self.sequential:
-            raise LlmromError("--correct calibrates toward the dense model from the compressed model's inputs; "
-                              "with --no-sequential both are the dense ones: drop one of the two")
-        if self.correct and self.method != "rom":
-            raise LlmromError(f"--correct is implemented for --method rom only, not {self.method}")
+        check_correction(self.correct, self.sequential, self.method, self.sparse)
         for name in ("nsamples", "seqlen", "batch_size"):
             if getattr(self, name) < 1:
                 raise LlmromError(f"--{name} must be a positive integer, got {getattr(self, name)}")

@@ -25,6 +25,18 @@ SPARSE_FORMAT_VERSION = 2  # some modules add a sparse residual ("nnz" in their 
 READABLE_VERSIONS = (FORMAT_VERSION, SPARSE_FORMAT_VERSION)
 
 
+def csr_rows(crow, nnz):
+    """Row index (int64) of each of the `nnz` nonzeros of a CSR matrix with row pointers `crow`."""
+    counts = (crow[1:] - crow[:-1]).long()
+    return torch.repeat_interleave(torch.arange(crow.numel() - 1, device=crow.device), counts, output_size=nnz)
+
+
+def csr_dense(crow, col, values, d_in, like):
+    """The CSR matrix as a dense (rows x d_in) tensor of `like`'s dtype and device."""
+    s = like.new_zeros(crow.numel() - 1, d_in)
+    return s.index_put((csr_rows(crow, col.numel()), col.long()), values.to(s.dtype))
+
+
 class FactorizedLinear(nn.Module):
     """y = second(first(x)) [+ S x]: `first` (rank x in) is V_r^T W, `second` (out x rank) is V_r.
 
@@ -48,12 +60,6 @@ class FactorizedLinear(nn.Module):
         y = self.second(self.first(x))
         return y + self.sparse_forward(x) if self.nnz else y
 
-    def sparse_rows(self):
-        """Row index of every nonzero (int64), expanded from the CSR row pointers."""
-        counts = (self.sparse_crow[1:] - self.sparse_crow[:-1]).long()
-        rows = torch.arange(self.out_features, device=counts.device)
-        return torch.repeat_interleave(rows, counts, output_size=self.nnz)
-
     def sparse_forward(self, x, chunk_elements=1 << 24):
         """S x: a CSR sparse-dense product for float32/float64 (torch's CSR kernels), otherwise (e.g.
         bfloat16 on CPU, which those kernels lack) plain gather / index_add over chunks of tokens, the
@@ -63,7 +69,7 @@ class FactorizedLinear(nn.Module):
             s = torch.sparse_csr_tensor(self.sparse_crow, self.sparse_col, self.sparse_values,
                                         (self.out_features, self.in_features), check_invariants=False)
             return (s @ flat.T).T.reshape(*x.shape[:-1], self.out_features)
-        rows, cols = self.sparse_rows(), self.sparse_col.long()
+        rows, cols = csr_rows(self.sparse_crow, self.nnz), self.sparse_col.long()
         step = max(1, chunk_elements // self.nnz)
         outs = []
         for i in range(0, max(flat.shape[0], 1), step):
@@ -74,10 +80,9 @@ class FactorizedLinear(nn.Module):
 
     def sparse_dense(self):
         """The sparse residual as a dense (out x in) matrix."""
-        s = self.second.weight.new_zeros(self.out_features, self.in_features)
-        if self.nnz:
-            s = s.index_put((self.sparse_rows(), self.sparse_col.long()), self.sparse_values.to(s.dtype))
-        return s
+        if not self.nnz:
+            return self.second.weight.new_zeros(self.out_features, self.in_features)
+        return csr_dense(self.sparse_crow, self.sparse_col, self.sparse_values, self.in_features, self.second.weight)
 
     @property
     def stored_indices(self):

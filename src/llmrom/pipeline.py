@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from .activations import MemoryStore, activation_store, copied_store, parse_dtype
 from .arch import trace_groups, weight_matrix
 from .capture import StopForward, block0_input, record_calls, run_block, to_device
+from .config import check_correction
 from .errors import LlmromError, NonFiniteError
 from .factorized import FactorizedLinear, replace_module
 from .methods import METHODS, rom_corrected, rom_from_outputs
@@ -74,14 +75,7 @@ class LoopOptions:
     sparse_rounds: int = 3  # alternating rounds of factors and sparse part
 
     def __post_init__(self):
-        if self.correct and not self.sequential:
-            raise LlmromError("error correction needs the sequential loop (the compressed model's inputs); "
-                              "drop --correct or --no-sequential")
-        if self.correct and self.method != "rom":
-            raise LlmromError(f"error correction is implemented for --method rom only, not {self.method}")
-        if self.correct and self.sparse:
-            raise LlmromError("--correct and --sparse cannot be combined yet (the sparse part is fitted to the "
-                              "layer's own inputs); drop one of them")
+        check_correction(self.correct, self.sequential, self.method, self.sparse)
 
 
 def compress_blocks(model, layout, tokens, plan, opts, timings=None):
@@ -149,14 +143,16 @@ def compress_block(block, prefix, i, groups, calls, hidden, plan, opts, timings=
                 records.append(_compress_one(block, prefix, n, METHODS[opts.method], moments[shared[n]], plan, opts,
                                              timings))
         if opts.sequential or not any(todo):
-            for j, h in enumerate(tqdm(hidden, desc=f"block {i} outputs", total=len(hidden), leave=False,
-                                       disable=not opts.progress)):
-                _store(hidden, j, forward(h), i)
+            _advance(hidden, forward, i, f"block {i} outputs", opts.progress)
             if dense is not None:
-                for j, h in enumerate(tqdm(dense, desc=f"block {i} dense outputs", total=len(dense), leave=False,
-                                           disable=not opts.progress)):
-                    _store(dense, j, dense_forward(h), i)
+                _advance(dense, dense_forward, i, f"block {i} dense outputs", opts.progress)
     return records, groups
+
+
+def _advance(store, forward, i, desc, progress):
+    """Replace the hidden states in `store` by block i's outputs on them."""
+    for j, h in enumerate(tqdm(store, desc=desc, total=len(store), leave=False, disable=not progress)):
+        _store(store, j, forward(h), i)
 
 
 def prepare_inputs(model, blocks, tokens, opts):

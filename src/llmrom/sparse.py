@@ -28,6 +28,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from .errors import LlmromError, NonFiniteError
+from .factorized import csr_dense, csr_rows
 from .methods import expected_error
 
 SELECTIONS = ("entries", "channels")
@@ -44,13 +45,10 @@ class SparseResidual:
         return int(self.col.numel())
 
     def rows(self):
-        return torch.repeat_interleave(torch.arange(self.crow.numel() - 1, device=self.col.device),
-                                       (self.crow[1:] - self.crow[:-1]).long())
+        return csr_rows(self.crow, self.nnz)
 
     def dense(self, d_in):
-        s = self.values.new_zeros(self.crow.numel() - 1, d_in)
-        s[self.rows(), self.col.long()] = self.values
-        return s
+        return csr_dense(self.crow, self.col, self.values, d_in, self.values)
 
 
 def low_rank_plus_sparse(method, weight, bias, moments, rank, nnz, centered=False, select="entries", rounds=1,
