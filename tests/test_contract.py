@@ -7,6 +7,7 @@ import torch
 import transformers
 
 import llmrom
+from llmrom import arch
 from llmrom.arch import SPECS, find_blocks, layout_for, trace_groups
 from llmrom.capture import block0_input, record_calls, run_block
 from llmrom.config import CompressConfig
@@ -43,6 +44,46 @@ def test_capture_and_replay_equal_the_full_forward(family):
             h = run_block(block, h, calls[i])
             assert h.shape == seen[i].shape
             assert torch.equal(h, seen[i]), f"block {i} replay differs"
+
+
+def test_mlp_half_from_the_residual_stream_reproduces_the_block(family):
+    model = tiny_model(family)
+    layout = layout_for(model)
+    norm, mlp, post = layout.mlp_half
+    _, blocks = find_blocks(model)
+    ids = calib_tokens(3)
+    calls, h = record_calls(model, blocks, ids), block0_input(model, blocks, ids)
+    for i, block in enumerate(blocks):
+        got = {}
+        handle = block.get_submodule(norm).register_forward_pre_hook(lambda m, a: got.setdefault("mid", a[0]))
+        with torch.no_grad():
+            full = run_block(block, h, calls[i])
+            handle.remove()
+            y = block.get_submodule(mlp)(block.get_submodule(norm)(got["mid"]))
+            via_half = got["mid"] + (block.get_submodule(post)(y) if post else y)
+        assert torch.equal(via_half, full), f"block {i}"
+        h = full
+
+
+def test_mlp_resume_gives_the_same_model_and_runs_attention_less(family, monkeypatch):
+    """Re-running only the MLP half once attention is final changes no factor, and saves forwards."""
+    def run():
+        model = tiny_model(family)
+        attn = [m for n, m in model.named_modules() if n.endswith(("self_attn", ".attn"))]
+        calls = []
+        for m in attn:
+            m.register_forward_hook(lambda *a: calls.append(1))
+        config = CompressConfig(budget=0.9, nsamples=len(tokens), seqlen=tokens.shape[1], batch_size=5, last_blocks=2)
+        model, _ = llmrom.compress(model, TinyTokenizer(), config, progress=False, tokens=tokens)
+        return model, len(calls)
+
+    tokens = calib_tokens()
+    resumed, n_resumed = run()
+    monkeypatch.setattr(arch, "MLP_HALVES", {})  # every family runs the whole block for every group
+    whole, n_whole = run()
+    assert n_resumed < n_whole
+    for (name, a), b in zip(resumed.state_dict().items(), whole.state_dict().values()):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6), name
 
 
 def compress_tiny(family, **cfg):
@@ -143,3 +184,11 @@ def test_folder_loads_where_llmrom_cannot_be_imported(tmp_path):
     env = {k: v for k, v in __import__("os").environ.items() if k != "PYTHONPATH"}
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path)
     assert res.returncode == 0 and "identical" in res.stdout, res.stderr[-2000:]
+
+
+def test_a_wrong_mlp_half_is_refused_with_its_name(monkeypatch):
+    monkeypatch.setitem(arch.MLP_HALVES, "llama", ("input_layernorm", "mlp", None))  # not where h_mid enters
+    tokens = calib_tokens()
+    config = CompressConfig(budget=0.9, nsamples=len(tokens), seqlen=tokens.shape[1], batch_size=5, last_blocks=2)
+    with pytest.raises(llmrom.LlmromError, match="MLP_HALVES"):
+        llmrom.compress(tiny_model("llama"), TinyTokenizer(), config, progress=False, tokens=tokens)

@@ -72,8 +72,9 @@ def test_whitened_svd_damps_a_singular_second_moment_and_full_rank_reproduces_w(
 
 @pytest.mark.parametrize("method", sorted(METHODS))
 @pytest.mark.parametrize("centered", [False, True])
-def test_reported_error_is_the_empirical_error(method, centered):
-    x, w, b, m = data(20, 12, bias=True)
+@pytest.mark.parametrize("d_in,d_out", [(20, 12), (12, 20)])  # both branches of output_eigh
+def test_reported_error_is_the_empirical_error(method, centered, d_in, d_out):
+    x, w, b, m = data(d_in, d_out, bias=True)
     f = METHODS[method](w, b, m, 4, centered)
     assert f.residual == pytest.approx(empirical_error(x, w, b, f), rel=1e-6)
     y = x @ w.T + b
@@ -270,3 +271,18 @@ def test_config_round_trips_and_rejects_other_versions():
     assert d["type"] == "CompressConfig" and CompressConfig.from_dict(d) == cfg
     with pytest.raises(LlmromError, match="incompatible"):
         CompressConfig.from_dict({**d, "version": 99})
+
+
+def test_group_linears_share_one_cached_input_eigh_until_the_next_update():
+    x, w, b, m = data(6, 10)  # d_out > d_in: the branch that decomposes the input statistics
+    rom(w, None, m, 3, True)
+    cached = m.eigh(True)
+    rom(torch.randn(9, 6, dtype=w.dtype), None, m, 3, True)  # a second linear of the group
+    assert m.eigh(True) is cached
+    more = torch.randn(50, 6, dtype=x.dtype)
+    m.update(more)
+    assert m.eigh(True) is not cached  # new tokens, new statistics
+    fresh = Moments.zeros(6)
+    fresh.update(torch.cat([x, more]))
+    a, b = rom(w, None, m, 3, True), rom(w, None, fresh, 3, True)
+    assert torch.allclose(a.second @ a.first, b.second @ b.first, rtol=1e-4, atol=1e-5)  # fp32 chunk GEMMs

@@ -214,3 +214,10 @@ def test_cli_stream_and_its_refusals(random_ckpt, tmp_path, capsys):
     assert tok is not None and report["totals"]["kept_fraction"] <= 0.95
     assert report["config"]["activations_dtype"] == "float16"
     assert sum(p.numel() for p in model.parameters()) == report["totals"]["parameters_after"]
+
+
+def test_streaming_leaves_the_callers_grad_mode_alone(tmp_path):
+    folder = sharded("llama", tmp_path / "src")
+    assert torch.is_grad_enabled()
+    compress_streaming(folder, tmp_path / "out", CompressConfig(**CFG), tokens=calib_tokens(), progress=False)
+    assert torch.is_grad_enabled()

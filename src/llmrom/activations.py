@@ -10,7 +10,8 @@ never half-overwritten: after `end_block()` the current file holds a consistent 
 streaming resume journal points at. `cpu` writes that snapshot with `snapshot()` on request.
 Files are read and written with plain reads and writes (no memory mapping), so only one
 micro-batch is resident. `copied_store` makes an independent second store of the same kind and
-dtype (error correction carries the dense model's hidden states in it).
+dtype (error correction carries the dense model's hidden states in it); `scratch_store` an empty
+one (the block loop keeps the residual stream after attention in it).
 """
 
 import contextlib
@@ -178,6 +179,22 @@ def activation_store(tensors, kind="cpu", dtype=None, folder=None):
         tensors.clear()  # the files are the only copy now
         stack.callback(store.close)
         yield store
+
+
+@contextlib.contextmanager
+def scratch_store(like, dtype):
+    """An empty store of the same kind and micro-batch shapes as `like`, in `dtype`: fill every
+    micro-batch (`store[j] = t`), then `end_block()` makes them readable. A disk one lives in its own
+    temporary folder, deleted on exit; a memory one allocates as it is filled."""
+    if isinstance(like, MemoryStore):
+        yield MemoryStore([torch.empty(s, dtype=dtype) for s in like.shapes], dtype)
+        return
+    with tempfile.TemporaryDirectory(prefix="llmrom-activations-") as folder:
+        store = DiskStore(folder, like.shapes, dtype, FILES[0])
+        try:
+            yield store
+        finally:
+            store.close()
 
 
 @contextlib.contextmanager

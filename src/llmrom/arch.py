@@ -31,6 +31,20 @@ SPECS = {
 }
 
 
+# How a block's second half runs from the residual stream h after attention ("h_mid"): the name of
+# the norm that reads h_mid, the MLP, and the norm after the MLP (or None); the block's output is
+# h_mid + post(mlp(norm(h_mid))). The sequential loop re-runs only this half for the MLP's own
+# statistics and the block's outputs once attention is final (pipeline); checked against the
+# whole block on every block it is used in, and by the contract tests on every family.
+_LLAMA_HALF = ("post_attention_layernorm", "mlp", None)
+_GEMMA2_HALF = ("pre_feedforward_layernorm", "mlp", "post_feedforward_layernorm")
+MLP_HALVES = {
+    "llama": _LLAMA_HALF, "mistral": _LLAMA_HALF, "qwen2": _LLAMA_HALF, "qwen3": _LLAMA_HALF, "gemma": _LLAMA_HALF,
+    "gemma2": _GEMMA2_HALF, "gemma3": _GEMMA2_HALF, "gemma3_text": _GEMMA2_HALF,
+    "gpt2": ("ln_2", "mlp", None),
+}
+
+
 def is_linear(module):
     return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
 
@@ -61,6 +75,7 @@ class Layout:
     blocks_path: str
     groups: tuple  # tuple of tuples of names relative to a block; None until traced (generic)
     known: bool
+    mlp_half: tuple | None = None  # MLP_HALVES entry of the family; None: always run the whole block
 
 
 def layout_for(model):
@@ -74,7 +89,7 @@ def layout_for(model):
         if missing:
             raise LlmromError(f"model_type {model_type!r} has no {missing} in its blocks: the spec does not "
                               "fit this checkpoint; please report it")
-        return Layout(path, groups, True)
+        return Layout(path, groups, True, MLP_HALVES.get(model_type))
     log.warning("model_type %r is not one of the verified families %s: using a generic spec "
                 "(groups traced from one forward pass)", model_type, sorted(SPECS))
     return Layout(path, None, False)

@@ -50,17 +50,19 @@ class Factors:
         return (self.residual / self.output_energy) ** 0.5 if self.output_energy > 0 else 0.0
 
 
-def output_eigh(weight, stats):
+def output_eigh(weight, stats, stats_eigh=None):
     """Eigen-decomposition (descending) of W S W^T, in the smaller of the two spaces.
 
     When d_out > d_in the output covariance has rank <= d_in: with S = R R^T and B = W R, the
     eigenvectors are B q / sqrt(l) for the eigenpairs (l, q) of the d_in x d_in matrix B^T B.
+    `stats_eigh` is torch.linalg.eigh(S) when the caller already has it (the linears of a group
+    share their input, so they share it: Moments.eigh).
     """
     d_out, d_in = weight.shape
     if d_out <= d_in:
         vals, vecs = torch.linalg.eigh(weight @ stats @ weight.T)
         return vals.flip(0), vecs.flip(1)
-    s_vals, s_vecs = torch.linalg.eigh(stats)
+    s_vals, s_vecs = stats_eigh if stats_eigh is not None else torch.linalg.eigh(stats)
     b = weight @ (s_vecs * s_vals.clamp_min(0).sqrt())
     vals, q = torch.linalg.eigh(b.T @ b)
     vals, q = vals.flip(0), q.flip(1)
@@ -80,14 +82,25 @@ def _orthonormal_complement(basis, k):
 
 
 def rom(weight, bias, moments, rank, centered=False):
-    """The paper's method: keep the top-`rank` principal directions of the layer's outputs."""
+    """The paper's method: keep the top-`rank` principal directions of the layer's outputs.
+
+    The error needs no product with W beyond the eigen-decomposition: with S the statistics the
+    eigenvectors come from (covariance C or second moment M = C + m m^T) and P = V_r V_r^T,
+    e = (I - P) W x has E||e||^2 = (sum of the dropped eigenvalues of W S W^T) + k ||(I - P) W m||^2
+    and E||W x||^2 = (sum of all of them) + k ||W m||^2, with k = 1 centred and 0 uncentred.
+    """
     w = weight.to(torch.float64)
-    second_moment = moments.second_moment()
-    stats = moments.covariance() if centered else second_moment
-    vals, vecs = output_eigh(w, stats)
+    stats = moments.covariance() if centered else moments.second_moment()
+    vals, vecs = output_eigh(w, stats, moments.eigh(centered) if w.shape[0] > w.shape[1] else None)
+    del stats
     v = vecs[:, :rank]
     first = v.T @ w
-    return _finish(w, bias, moments, second_moment, first, v, vals, centered, "rom")
+    out_mean = w @ moments.mean()
+    err_mean = out_mean - v @ (first @ moments.mean())
+    k = 1.0 if centered else 0.0
+    return _factors(first, v, bias, vals, centered, "rom",
+                    err_sq=vals[rank:].sum() + k * (err_mean @ err_mean), err_mean=err_mean,
+                    out_sq=vals.sum() + k * (out_mean @ out_mean), out_mean=out_mean)
 
 
 def svd(weight, bias, moments, rank, centered=False):

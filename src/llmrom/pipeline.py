@@ -5,6 +5,10 @@ that input's moments (the block's forward stops at the group, so finished parts 
 factorize the group's linears, swap them in -> run the compressed block to get the next block's
 inputs. Only one copy of the calibration hidden states is kept; outputs overwrite inputs.
 
+Once the attention groups are final, the residual stream after attention is kept (float32, in a
+scratch store of the same kind) and the MLP groups' statistics and the block's outputs run only the
+MLP half from it (arch.MLP_HALVES), instead of re-running attention for each of them.
+
 With `rom`, a group of one linear with fewer outputs than inputs (down_proj) streams the moments
 of its outputs W x instead (`rom_from_outputs`): d_out^2 statistics and work per token instead of
 d_in^2, and the same factors.
@@ -25,7 +29,7 @@ from dataclasses import asdict, dataclass
 import torch
 from tqdm.auto import tqdm
 
-from .activations import MemoryStore, activation_store, copied_store, parse_dtype
+from .activations import MemoryStore, activation_store, copied_store, parse_dtype, scratch_store
 from .arch import trace_groups, weight_matrix
 from .capture import StopForward, block0_input, record_calls, run_block, to_device
 from .config import check_correction
@@ -92,7 +96,8 @@ def compress_blocks(model, layout, tokens, plan, opts, timings=None):
                 dense = stack.enter_context(copied_store(store))
             home = next(block.parameters()).device
             block.to(opts.device)
-            done, groups = compress_block(block, prefix, i, groups, calls, store, plan, opts, timings, dense=dense)
+            done, groups = compress_block(block, prefix, i, groups, calls, store, plan, opts, timings, dense=dense,
+                                          mlp_half=layout.mlp_half)
             records += done
             store.end_block()
             if dense is not None:
@@ -101,7 +106,7 @@ def compress_blocks(model, layout, tokens, plan, opts, timings=None):
     return records
 
 
-def compress_block(block, prefix, i, groups, calls, hidden, plan, opts, timings=None, dense=None):
+def compress_block(block, prefix, i, groups, calls, hidden, plan, opts, timings=None, dense=None, mlp_half=None):
     """Compress block i (named `prefix`) in place and replace the hidden states by its outputs.
 
     `hidden` is an activation store (llmrom.activations); `groups` are the layout's groups, or None
@@ -109,6 +114,9 @@ def compress_block(block, prefix, i, groups, calls, hidden, plan, opts, timings=
     seconds of forward passes (hooks included), covariance updates and factorizations. `dense`
     (error correction) is a store of the dense model's hidden states entering the block: each group
     is calibrated toward a dense copy of the block run on them, and they are replaced by its outputs.
+    `mlp_half` (arch.MLP_HALVES) lets the sequential loop keep the residual stream after attention
+    once the attention groups are final, and run only the MLP half from it for the remaining groups
+    and the block's outputs (checked against the whole block on micro-batch 0).
     """
     timings = {} if timings is None else timings
     if dense is not None and not (opts.correct and opts.sequential):
@@ -122,14 +130,22 @@ def compress_block(block, prefix, i, groups, calls, hidden, plan, opts, timings=
     if dense is not None:  # the block as it is now, kept dense (itself when nothing in it is compressed)
         dense_block = copy.deepcopy(block) if any(todo) else block
         dense_forward = _block_forward(dense_block, calls, i, opts.device, timings)
+    half = mlp_half if opts.sequential and dense is None else None
     records = []
-    with torch.no_grad():
+    with torch.no_grad(), contextlib.ExitStack() as stack:
+        mid = None  # the residual stream after attention, once every attention group is final
         if opts.sequential:
             for group in todo:
                 if not group:
                     continue
+                src, fwd = hidden, forward
+                if half is not None and all(n.startswith(half[1] + ".") for n in group):
+                    if mid is None:
+                        mid = stack.enter_context(scratch_store(hidden, torch.float32))
+                        _fill_mid(block, half, hidden, mid, forward)
+                    src, fwd = mid, _half_forward(block, half, opts.device, timings)
                 if dense is None:
-                    method, moments = _group_statistics(block, group, hidden, forward, opts, timings)
+                    method, moments = _group_statistics(block, group, src, fwd, opts, timings)
                 else:
                     method, moments = rom_corrected, _collect_joint(block, dense_block, group[0], hidden, dense,
                                                                     forward, dense_forward, timings)
@@ -143,16 +159,63 @@ def compress_block(block, prefix, i, groups, calls, hidden, plan, opts, timings=
                 records.append(_compress_one(block, prefix, n, METHODS[opts.method], moments[shared[n]], plan, opts,
                                              timings))
         if opts.sequential or not any(todo):
-            _advance(hidden, forward, i, f"block {i} outputs", opts.progress)
+            if mid is not None:
+                half_forward = _half_forward(block, half, opts.device, timings)
+                _check_half(forward(hidden[0]), half_forward(mid[0]), i, half)
+                _advance(mid, hidden, half_forward, i, f"block {i} outputs", opts.progress)
+            else:
+                _advance(hidden, hidden, forward, i, f"block {i} outputs", opts.progress)
             if dense is not None:
-                _advance(dense, dense_forward, i, f"block {i} dense outputs", opts.progress)
+                _advance(dense, dense, dense_forward, i, f"block {i} dense outputs", opts.progress)
     return records, groups
 
 
-def _advance(store, forward, i, desc, progress):
-    """Replace the hidden states in `store` by block i's outputs on them."""
-    for j, h in enumerate(tqdm(store, desc=desc, total=len(store), leave=False, disable=not progress)):
-        _store(store, j, forward(h), i)
+def _fill_mid(block, half, hidden, mid, forward):
+    """mid[j] = the residual stream after attention (the input of the norm `half[0]`) for every
+    micro-batch of `hidden`; each forward stops there."""
+    got = {}
+
+    def grab(mod, args):
+        got["h"] = args[0]
+        raise StopForward
+
+    handle = block.get_submodule(half[0]).register_forward_pre_hook(grab)
+    try:
+        for j, h in enumerate(hidden):
+            forward(h, stop_ok=True)
+            mid[j] = got.pop("h").to(torch.float32)
+    finally:
+        handle.remove()
+    mid.end_block()
+
+
+def _half_forward(block, half, device, timings):
+    """forward(h_mid, stop_ok): the block's MLP half, h_mid + post(mlp(norm(h_mid))) (arch.MLP_HALVES)."""
+    norm, mlp = block.get_submodule(half[0]), block.get_submodule(half[1])
+    post = block.get_submodule(half[2]) if half[2] else (lambda y: y)
+    dtype = next(block.parameters()).dtype
+
+    def run(h):
+        h = h.to(dtype)
+        return h + post(mlp(norm(h)))
+    return _timed(run, device, timings)
+
+
+def _check_half(full, via_half, i, half):
+    """The MLP half run from the stored residual stream must reproduce the whole block."""
+    scale = float(full.abs().max()) or 1.0
+    tol = 1e-5 if full.dtype == torch.float32 else 1e-2
+    err = float((full - via_half.to(full.dtype)).abs().max())
+    if not err <= tol * scale:
+        raise LlmromError(f"block {i}: running its MLP half {half} from the residual stream after attention "
+                          f"differs from the whole block by {err:.3g} (max |output| {scale:.3g}): the family's "
+                          "entry in llmrom.arch.MLP_HALVES does not fit this transformers version; please report it")
+
+
+def _advance(src, dst, forward, i, desc, progress):
+    """dst[j] = block i's outputs for the micro-batches of `src` (dst may be src)."""
+    for j, h in enumerate(tqdm(src, desc=desc, total=len(src), leave=False, disable=not progress)):
+        _store(dst, j, forward(h), i)
 
 
 def prepare_inputs(model, blocks, tokens, opts):
@@ -171,11 +234,16 @@ def _block_forward(block, calls, i, device, timings):
     dtype = next(block.parameters()).dtype
     block_calls = {k: type(c[i])(to_device(c[i].args, device), to_device(c[i].kwargs, device))
                    for k, c in calls.items()}
+    return _timed(lambda h: run_block(block, h.to(dtype), block_calls[h.shape[0]]), device, timings)
 
+
+def _timed(run, device, timings):
+    """forward(h, stop_ok=False) = run(h on `device`), its seconds added to timings["forward"]; a
+    StopForward raised by a hook returns None when stop_ok, else propagates."""
     def forward(h, stop_ok=False):
         t0 = time.perf_counter()
         try:
-            return run_block(block, h.to(device=device, dtype=dtype), block_calls[h.shape[0]])
+            return run(h.to(device=device))
         except StopForward:
             if not stop_ok:
                 raise

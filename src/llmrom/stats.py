@@ -4,7 +4,7 @@ Each chunk's Gram matrix is one fp32 GEMM (fast on CPU) added into a float64 acc
 sum over hundreds of thousands of tokens keeps float64 accuracy without fp64 GEMM cost.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -18,6 +18,7 @@ class Moments:
     xx: torch.Tensor
     x: torch.Tensor
     n: int = 0
+    _eigh: dict = field(default_factory=dict, repr=False, compare=False)  # centred -> eigh, until the next update
 
     @classmethod
     def zeros(cls, dim, device="cpu"):
@@ -29,6 +30,14 @@ class Moments:
         self.xx.add_(x.T @ x)  # promoted to float64 in place: no float64 temporary of d x d
         self.x += x.sum(0, dtype=torch.float64)
         self.n += x.shape[0]
+        self._eigh.clear()
+
+    def eigh(self, centered):
+        """torch.linalg.eigh of the covariance (centred) or the second moment, computed once and
+        shared by every linear that reads these inputs (until the next update)."""
+        if centered not in self._eigh:
+            self._eigh[centered] = torch.linalg.eigh(self.covariance() if centered else self.second_moment())
+        return self._eigh[centered]
 
     def second_moment(self):
         return self.xx / self.n

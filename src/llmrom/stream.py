@@ -320,6 +320,7 @@ def _open_store(config, part, journal, hidden):
     return MemoryStore(tensors, dtype)
 
 
+@torch.no_grad()  # not torch.set_grad_enabled(False): the caller's grad mode is left as it was
 def compress_streaming(source, out_dir, config, *, resume=False, overwrite=False, tokens=None, tokenizer=None,
                        progress=True, monitor=None, max_blocks=None):
     """Compress `source` (a safetensors folder, a .gguf file or a packaged model name) into `out_dir`
@@ -330,7 +331,6 @@ def compress_streaming(source, out_dir, config, *, resume=False, overwrite=False
     stops after that many blocks, leaving a run to `resume` (benchmarks), and returns None.
     """
     t0 = time.perf_counter()
-    torch.set_grad_enabled(False)
     folder, out = _check_source(source), Path(out_dir)
     check_output(out, overwrite)
     _check_explicit_plan(config)
@@ -417,7 +417,7 @@ def _one_block(skeleton, blocks, i, n, layout, groups, calls, store, plan, opts,
     timings["read"] += time.perf_counter() - t
     monitor("block loaded", skeleton, resident_parameters(skeleton))
     block.to(opts.device)
-    done, groups = compress_block(block, prefix, i, groups, calls, store, plan, opts, timings)
+    done, groups = compress_block(block, prefix, i, groups, calls, store, plan, opts, timings, mlp_half=layout.mlp_half)
     store.end_block()
     block.to("cpu")
     monitor("block compressed", skeleton, resident_parameters(skeleton))
