@@ -32,12 +32,12 @@ def test_split_spends_the_module_budget_and_no_more(sparse):
         for rank in (2, 5, 17, 40):
             low, nnz = s.split(rank)
             budget = s.factor_params(rank)
-            assert s.params_after(rank) == s.factor_params(low) + (2 * nnz + d_out + 1 if nnz else 0)
-            assert s.params_after(rank) <= budget
+            assert s.stored_params(*s.split(rank)) == s.factor_params(low) + (2 * nnz + d_out + 1 if nnz else 0)
+            assert s.stored_params(*s.split(rank)) <= budget
             if nnz:  # the rest is spent up to the odd parameter a nonzero (2) cannot use
-                assert low == max(1, int((1 - sparse) * rank + 1e-9)) and budget - s.params_after(rank) <= 1
+                assert low == max(1, int((1 - sparse) * rank + 1e-9)) and budget - s.stored_params(*s.split(rank)) <= 1
     off = LinearShape("m", 0, 64, 64)
-    assert off.split(17) == (17, 0) and off.params_after(17) == off.factor_params(17)
+    assert off.split(17) == (17, 0) and off.stored_params(*off.split(17)) == off.factor_params(17)
     assert LinearShape("m", 0, 64, 64, 0, 0.25).split(1) == (1, 0)  # rank 1 has nothing to give
 
 
@@ -135,7 +135,7 @@ def test_low_rank_plus_sparse_beats_low_rank_at_equal_parameters(centered):
     plain = rom(w, b, m, rank, centered)
     shape = LinearShape("m", 0, w.shape[1], w.shape[0], 0, 0.3)
     low, nnz = shape.split(rank)
-    assert low < rank and nnz > 0 and shape.params_after(rank) <= shape.factor_params(rank)
+    assert low < rank and nnz > 0 and shape.stored_params(*shape.split(rank)) <= shape.factor_params(rank)
     base = rom(w, b, m, low, centered)
     one = add_sparse(w, b, m, base, nnz, centered)
     raw = add_sparse(w, b, m, base, nnz, centered, refit=False)

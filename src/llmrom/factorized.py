@@ -18,8 +18,6 @@ import warnings
 import torch
 from torch import nn
 
-warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
-
 FORMAT_VERSION = 1  # low-rank factors only
 SPARSE_FORMAT_VERSION = 2  # some modules add a sparse residual ("nnz" in their metadata)
 READABLE_VERSIONS = (FORMAT_VERSION, SPARSE_FORMAT_VERSION)
@@ -66,8 +64,10 @@ class FactorizedLinear(nn.Module):
         (tokens x nnz) products kept below `chunk_elements`. Both are differentiable in the values."""
         flat = x.reshape(-1, self.in_features)
         if self.sparse_values.dtype in (torch.float32, torch.float64) and flat.dtype == self.sparse_values.dtype:
-            s = torch.sparse_csr_tensor(self.sparse_crow, self.sparse_col, self.sparse_values,
-                                        (self.out_features, self.in_features), check_invariants=False)
+            with warnings.catch_warnings():  # torch's "Sparse CSR tensor support is in beta", here only
+                warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
+                s = torch.sparse_csr_tensor(self.sparse_crow, self.sparse_col, self.sparse_values,
+                                            (self.out_features, self.in_features), check_invariants=False)
             return (s @ flat.T).T.reshape(*x.shape[:-1], self.out_features)
         rows, cols = csr_rows(self.sparse_crow, self.nnz), self.sparse_col.long()
         step = max(1, chunk_elements // self.nnz)

@@ -396,7 +396,7 @@ def _factorize_into(block, prefix, name, method, moments, plan, opts, t0):
     replace_module(block, name, new)
     bias = shape.d_out if module.bias is not None else 0
     params_before = shape.dense_params + bias
-    params_after = shape.factor_params(low) + shape.sparse_params(nnz) + bias
+    params_after = shape.stored_params(low, nnz) + bias
     return ModuleRecord(full, shape.d_in, shape.d_out, low, params_before, params_after,
                         f.explained, f.relative_error, time.perf_counter() - t0,
                         explained_curve=explained_curve(f.spectrum, min(shape.d_in, shape.d_out)), nnz=nnz)

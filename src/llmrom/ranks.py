@@ -53,10 +53,9 @@ class LinearShape:
                   self.d_in * self.d_out)
         return (low, nnz) if nnz >= 1 else (rank, 0)
 
-    def params_after(self, rank):
-        """Parameters the sparse split of a plan's `rank` stores (factors, added bias, sparse residual);
-        at most factor_params(rank), the budget plans count."""
-        low, nnz = self.split(rank)
+    def stored_params(self, low, nnz):
+        """Parameters stored by factors of rank `low` (with any added bias) plus a residual of `nnz`
+        nonzeros; for split(rank) at most factor_params(rank), the budget plans count."""
         return self.factor_params(low) + self.sparse_params(nnz)
 
     def paper_rank(self, module_budget):
