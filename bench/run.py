@@ -45,6 +45,8 @@ VARIANTS = {  # name: CompressConfig fields that differ from the defaults
     "svd": {"method": "svd", "centered": False, "sequential": False},  # data-free weight SVD baseline
     # SVD-LLM (W): whitened SVD, the same ratio for every matrix of every block, dense activations
     "svd-llm": {"method": "whitened_svd", "centered": False, "sequential": False, "last_blocks": "all"},
+    "rom-correct": {"correct": True},  # calibrated toward the dense model's outputs (methods.rom_corrected)
+    "rom-sparse": {"sparse": 0.25},  # a quarter of each module's budget to a sparse residual (llmrom.sparse)
     "rom-welore": {"policy": "welore"},  # ROM with WeLore's spectrum-based ranks over all blocks
     "rom-global": {"policy": "global"},  # ROM with data-aware ranks over all blocks
 }

@@ -196,6 +196,7 @@ def test_small_space_eigh_matches_direct():
     for r in (3, 12):
         p1, p2 = vecs[:, :r] @ vecs[:, :r].T, direct_vecs[:, -r:] @ direct_vecs[:, -r:].T
         assert torch.allclose(p1, p2, atol=1e-7)
+        assert torch.allclose(output_eigh(w, m.second_moment(), top=r)[1], vecs[:, :r], atol=1e-12)  # top r only
     assert torch.allclose(vecs.T @ vecs, torch.eye(vecs.shape[1], dtype=vecs.dtype), atol=1e-8)  # orthonormal
 
 

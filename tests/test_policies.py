@@ -89,8 +89,8 @@ def test_global_profiling_holds_one_block_of_statistics(monkeypatch):
 
     seen, real_eigh = [], policies.output_eigh
     monkeypatch.setattr(pipeline, "Moments", Tracked)
-    monkeypatch.setattr(policies, "output_eigh", lambda w, s: (seen.append(sum(r() is not None for r in refs)),
-                                                                    real_eigh(w, s))[1])
+    monkeypatch.setattr(policies, "output_eigh", lambda w, s, **kw: (seen.append(sum(r() is not None for r in refs)),
+                                                                          real_eigh(w, s, **kw))[1])
     dense = tiny_model("llama")
     llmrom.compress(copy.deepcopy(dense), TinyTokenizer(), CompressConfig(budget=0.85, policy="global", nsamples=8,
                                                                           seqlen=16), tokens=calib_tokens(), progress=False)

@@ -50,8 +50,9 @@ class Factors:
         return (self.residual / self.output_energy) ** 0.5 if self.output_energy > 0 else 0.0
 
 
-def output_eigh(weight, stats, stats_eigh=None):
-    """Eigen-decomposition (descending) of W S W^T, in the smaller of the two spaces.
+def output_eigh(weight, stats, stats_eigh=None, top=None):
+    """Eigen-decomposition (descending) of W S W^T, in the smaller of the two spaces: all eigenvalues,
+    and the eigenvectors of the `top` largest (all when None).
 
     When d_out > d_in the output covariance has rank <= d_in: with S = R R^T and B = W R, the
     eigenvectors are B q / sqrt(l) for the eigenpairs (l, q) of the d_in x d_in matrix B^T B.
@@ -59,18 +60,20 @@ def output_eigh(weight, stats, stats_eigh=None):
     share their input, so they share it: Moments.eigh).
     """
     d_out, d_in = weight.shape
+    top = d_out if top is None else min(top, d_out)
     if d_out <= d_in:
         vals, vecs = torch.linalg.eigh(weight @ stats @ weight.T)
-        return vals.flip(0), vecs.flip(1)
+        return vals.flip(0), vecs[:, d_out - top:].flip(1)
     s_vals, s_vecs = stats_eigh if stats_eigh is not None else torch.linalg.eigh(stats)
     b = weight @ (s_vecs * s_vals.clamp_min(0).sqrt())
     vals, q = torch.linalg.eigh(b.T @ b)
     vals, q = vals.flip(0), q.flip(1)
     ok = vals > vals[0].clamp_min(1e-300) * 1e-10
-    vecs = torch.zeros(d_out, d_in, dtype=weight.dtype, device=weight.device)
-    vecs[:, ok] = (b @ q[:, ok]) / vals[ok].sqrt()
-    if not ok.all():  # null directions carry no variance; complete them to an orthonormal set
-        vecs[:, ~ok] = _orthonormal_complement(vecs[:, ok], int((~ok).sum()))
+    k = int(ok[:top].sum())  # ok is a prefix: the eigenvalues descend
+    vecs = torch.empty(d_out, top, dtype=weight.dtype, device=weight.device)
+    vecs[:, :k] = (b @ q[:, :k]) / vals[:k].sqrt()
+    if k < top:  # null directions carry no variance; complete them to an orthonormal set
+        vecs[:, k:] = _orthonormal_complement(vecs[:, :k], top - k)
     return torch.cat([vals, vals.new_zeros(d_out - d_in)]), vecs
 
 
@@ -91,9 +94,9 @@ def rom(weight, bias, moments, rank, centered=False):
     """
     w = weight.to(torch.float64)
     stats = moments.covariance() if centered else moments.second_moment()
-    vals, vecs = output_eigh(w, stats, moments.eigh(centered) if w.shape[0] > w.shape[1] else None)
+    v_eigh = moments.eigh(centered) if w.shape[0] > w.shape[1] else None
+    vals, v = output_eigh(w, stats, v_eigh, top=rank)
     del stats
-    v = vecs[:, :rank]
     first = v.T @ w
     out_mean = w @ moments.mean()
     err_mean = out_mean - v @ (first @ moments.mean())
@@ -109,7 +112,7 @@ def svd(weight, bias, moments, rank, centered=False):
     u, s, vh = torch.linalg.svd(w, full_matrices=False)
     first = s[:rank, None] * vh[:rank]
     second_moment = moments.second_moment()
-    vals, _ = output_eigh(w, second_moment)
+    vals, _ = output_eigh(w, second_moment, top=0)
     return _finish(w, bias, moments, second_moment, first, u[:, :rank], vals, centered, "svd")
 
 
@@ -157,8 +160,7 @@ def rom_corrected(weight, bias, cross, rank, centered=False, damp=CORRECT_DAMP):
     diag = s.diagonal()
     reg = damp * diag.clamp_min(0) + 1e-12 * float(diag.mean().clamp_min(1e-300))
     a = w - torch.linalg.solve(s + torch.diag(reg), (w @ g).T).T  # S + R is symmetric
-    vals, vecs = output_eigh(a, s)
-    second = vecs[:, :rank]
+    vals, second = output_eigh(a, s, top=rank)
     first = second.T @ a
     b = bias.to(torch.float64) if bias is not None else None
     new_bias = b

@@ -100,7 +100,7 @@ def global_scores(model, layout, shapes, tokens, opts, centered):
             s = wanted[name]
             stats = m.covariance() if centered else m.second_moment()
             w = weight_matrix(model.get_submodule(name)).detach().double()
-            vals = output_eigh(w, stats)[0].clamp_min(0)
+            vals = output_eigh(w, stats, top=0)[0].clamp_min(0)
             scores[name] = vals / (vals.sum().clamp_min(1e-300) * (s.d_in + s.d_out))
         del moments
     return scores
