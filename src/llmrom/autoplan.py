@@ -18,7 +18,7 @@ from .arch import weight_matrix
 from .errors import NonFiniteError
 from .methods import output_eigh
 from .perplexity import mean_nll
-from .pipeline import profile_moments
+from .pipeline import profile_blocks
 from .ranks import last_blocks_plan
 
 log = logging.getLogger(__name__)
@@ -40,13 +40,14 @@ def choose_last_n(model, layout, shapes, n_blocks, candidates, tokens, opts, n_p
     profile, held = tokens[:n_profile], tokens[n_profile:n_profile + n_eval]
     if len(held) == 0:  # too few windows for a disjoint split: score on the profiled windows
         held = tokens[:n_eval]
-    moments = profile_moments(model, layout, profile, opts)
     widest = last_blocks_plan(shapes, n_blocks, max(n for n, _ in candidates), 0.5)
     eig, saved = {}, {}
-    for name in tqdm(widest, desc="spectra", disable=not opts.progress, leave=False):
-        w = weight_matrix(model.get_submodule(name))
-        eig[name] = output_eigh(w.detach().to(torch.float64), moments[name].second_moment())[1].to(w.dtype)
-        saved[name] = w.detach().clone()
+    for _, moments in profile_blocks(model, layout, profile, opts):  # one block's moments at a time
+        for name in (n for n in moments if n in widest):
+            w = weight_matrix(model.get_submodule(name))
+            eig[name] = output_eigh(w.detach().to(torch.float64), moments[name].second_moment())[1].to(w.dtype)
+            saved[name] = w.detach().clone()
+        del moments
     table = []
     try:
         for last_n, b in tqdm(candidates, desc="candidates", disable=not opts.progress, leave=False):

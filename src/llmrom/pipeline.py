@@ -442,11 +442,4 @@ def profile_blocks(model, layout, tokens, opts):
             moments = _collect(block, [g[0] for g in groups], hidden, forward, stop=False, outputs=i)
         block.to(home)
         yield prefix, {prefix + n: moments[g[0]] for g in groups for n in g}
-
-
-def profile_moments(model, layout, tokens, opts):
-    """Input moments of every linear of every block of the DENSE model ({name: Moments}), all kept."""
-    out = {}
-    for _, moments in profile_blocks(model, layout, tokens, opts):
-        out.update(moments)
-    return out
+        del moments  # not alive while the next block's are collected
