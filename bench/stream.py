@@ -51,7 +51,7 @@ def current_rss():
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def main():
+def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", required=True, help="a safetensors folder (scripts/make_llama7b_shaped.py)")
     ap.add_argument("--budget", type=float, default=0.8)
@@ -66,7 +66,7 @@ def main():
                     help="count matrix-product FLOPs with torch.utils.flop_counter")
     ap.add_argument("--name", default="llama7b-shaped")
     ap.add_argument("--results", default=str(Path(__file__).parent / "results"))
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     torch.set_grad_enabled(False)
 
     peak = matmul_peak()
@@ -95,12 +95,12 @@ def main():
     out = work / "out"
 
     events = []
-
-    def monitor(event, model, resident):
-        events.append({"event": event, "t": time.perf_counter(), "rss": current_rss(), "resident_params": resident})
-
     from torch.utils.flop_counter import FlopCounterMode
     counter = FlopCounterMode(display=False) if args.flops else None
+
+    def monitor(event, model, resident):
+        events.append({"event": event, "t": time.perf_counter(), "rss": current_rss(), "resident_params": resident,
+                       "flops": counter.get_total_flops() if counter is not None else 0})
     t0 = time.perf_counter()
     with counter if counter is not None else contextlib.nullcontext():
         report = compress_streaming(args.model, out, config, tokens=tokens, monitor=monitor,
@@ -112,9 +112,10 @@ def main():
         split["forward"] = split.get("forward", 0) - split.get("covariance", 0)
     flops = counter.get_total_flops() if counter is not None else None
     compute = split.get("forward", 0) + split.get("covariance", 0) + split.get("factorize", 0)
-    starts = [e["t"] for e in events if e["event"] == "block loaded"]
-    ends = [e["t"] for e in events if e["event"] == "block released"]
-    block_seconds = [round(e - s, 2) for s, e in zip(starts, ends)]
+    starts = [e for e in events if e["event"] == "block loaded"]
+    ends = [e for e in events if e["event"] == "block released"]
+    block_seconds = [round(e["t"] - s["t"], 2) for s, e in zip(starts, ends)]
+    block_gflop = [round((e["flops"] - s["flops"]) / 1e9, 4) for s, e in zip(starts, ends)]
     result = {
         "what": "streaming compression of a LLaMA-2-7B-shaped checkpoint with random bf16 weights",
         "model": {"path": args.model, "blocks": n_blocks, "parameters": total},
@@ -125,6 +126,7 @@ def main():
         "wall_seconds": round(wall, 1),
         "seconds_by_step": {k: round(v, 1) for k, v in split.items()},
         "block_seconds": block_seconds,
+        "block_matrix_product_gflop": block_gflop if flops else None,
         "peak_rss_gib": round(peak_rss_bytes() / 2**30, 3),
         "rss_gib_at_events": [{"event": e["event"], "rss_gib": round(e["rss"] / 2**30, 3)} for e in events],
         "matmul_fp32_peak_gflops": round(peak, 1),
@@ -148,6 +150,17 @@ def main():
             "formula": "capture + (blocks - last_blocks) x dense block + last_blocks x compressed block "
                        "+ final shard bytes / 1 GB/s",
         }
+        if flops:  # the floor: the same matrix products at the measured matmul peak (eigh not counted)
+            d_gf, c_gf = block_gflop[0], block_gflop[-1]
+            run_gf = (n_blocks - args.last_blocks) * d_gf + args.last_blocks * c_gf
+            result["extrapolated"].update({
+                "full_run_matrix_product_gflop": round(run_gf, 4),
+                "floor_minutes_at_matmul_peak": round(run_gf / peak / 60, 1),
+                "one_dense_pass_minutes_at_matmul_peak": round(n_blocks * d_gf / peak / 60, 1),
+                "floor_note": "the run's matrix products at the measured fp32 peak; one dense pass is the "
+                              "forward of the calibration tokens through every block, which any method that "
+                              "calibrates block by block must run at least once",
+            })
     discard(out)
     shutil.rmtree(work)
     results = Path(args.results)

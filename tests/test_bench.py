@@ -88,3 +88,31 @@ def test_report_writes_the_heal_table_from_heal_files(tmp_path):
     out = report.replace_between(text, report.HEAL_BEGIN, report.HEAL_END, table, "README")
     assert "| m | 0.8 | compressed | lora | 40.00 | 30.00 | -25% | 8 | 50 | 2.00 |" in out
     assert "old" not in out and out.endswith("y\n")
+
+
+def test_stream_benchmark_smoke(tmp_path):
+    """bench/stream.py --max-blocks on a few-MB checkpoint from the 7B script: one dense and one
+    compressed block measured, the extrapolation and its floor written, nothing left behind."""
+    import torch
+
+    script_path = BENCH.parent / "scripts" / "make_llama7b_shaped.py"
+    spec = importlib.util.spec_from_file_location("make_llama7b_shaped", script_path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    ckpt = script.make(tmp_path / "ckpt", hidden=64, layers=3, intermediate=160, heads=4, kv_heads=2, vocab=256,
+                       shard_mb=0, tokenizer=False, progress=False)
+    results = tmp_path / "results"
+    try:
+        bench_module("stream").main(["--model", str(ckpt), "--max-blocks", "2", "--last-blocks", "2", "--nsamples", "8",
+                                     "--seqlen", "16", "--batch-size", "4", "--activations", "disk",
+                                     "--activations-dtype", "bfloat16", "--results", str(results)])
+    finally:
+        torch.set_grad_enabled(True)
+    r = json.loads((results / "stream_llama7b-shaped_max2.json").read_text())
+    assert r["blocks_run"] == 2 and len(r["block_matrix_product_gflop"]) == 2
+    assert r["block_matrix_product_gflop"][1] != r["block_matrix_product_gflop"][0]  # dense vs compressed block
+    ex = r["extrapolated"]
+    dense, compressed = r["block_matrix_product_gflop"]
+    assert ex["full_run_matrix_product_gflop"] == pytest.approx(1 * dense + 2 * compressed, abs=1e-3)  # 3 blocks
+    assert {"forward", "covariance", "factorize"} <= set(r["seconds_by_step"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "results"]  # its work folder was removed
