@@ -4,7 +4,7 @@ Make the checkpoint first (13.5 GB of random bf16 weights; the compression does 
 
     python scripts/make_llama7b_shaped.py /tmp/llama7b-random
     python bench/stream.py --model /tmp/llama7b-random --max-blocks 2     # short: ~2 blocks, extrapolated
-    python bench/stream.py --model /tmp/llama7b-random                    # full run
+    python bench/stream.py --model /tmp/llama7b-random --work /tmp/w     # full run; the same command resumes it
 
 The plan is the paper's policy at --budget (default 0.8) over the last --last-blocks blocks (module
 budget solved to meet the budget). With --max-blocks K the run stops after K blocks, and the plan is
@@ -14,6 +14,11 @@ capture + (blocks - last_blocks) x dense block + last_blocks x compressed block 
 tensors outside the blocks. Calibration: --nsamples x --seqlen random token ids (512 x 128).
 FLOPs are the matrix products counted by torch.utils.flop_counter (eigh not included), compared with
 a measured fp32 matmul peak. Writes bench/results/stream_<name>_<blocks>.json.
+
+With --work DIR the run lives in DIR and survives the process: a full run (2.5 hours for the 7B shape
+on 2 cores) killed at any point is continued by the same command, through llmrom's own --resume; wall
+time and peak RSS add up over the sessions (the journal keeps them) and the per-block measurements
+are kept in DIR/bench_blocks.json. DIR is deleted when the run is complete.
 """
 
 import argparse
@@ -64,6 +69,8 @@ def main(argv=None):
     ap.add_argument("--activations-dtype", default=None, choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--flops", action=argparse.BooleanOptionalAction, default=True,
                     help="count matrix-product FLOPs with torch.utils.flop_counter")
+    ap.add_argument("--work", help="a folder for the run that outlives the process (resumable); default: a temporary "
+                                   "folder beside --model, deleted at the end")
     ap.add_argument("--name", default="llama7b-shaped")
     ap.add_argument("--results", default=str(Path(__file__).parent / "results"))
     args = ap.parse_args(argv)
@@ -83,7 +90,11 @@ def main(argv=None):
     tokens = torch.randint(0, vocab, (args.nsamples, args.seqlen), generator=torch.Generator().manual_seed(0))
     common = dict(nsamples=args.nsamples, seqlen=args.seqlen, batch_size=args.batch_size,
                   activations=args.activations, activations_dtype=args.activations_dtype)
-    work = Path(tempfile.mkdtemp(prefix="llmrom-bench-", dir=Path(args.model).resolve().parent))
+    if args.work:
+        work = Path(args.work)
+        work.mkdir(parents=True, exist_ok=True)
+    else:
+        work = Path(tempfile.mkdtemp(prefix="llmrom-bench-", dir=Path(args.model).resolve().parent))
     ranks = None
     if args.max_blocks:
         k = args.max_blocks
@@ -93,6 +104,9 @@ def main(argv=None):
     else:
         config = CompressConfig(budget=args.budget, last_blocks=args.last_blocks, **common)
     out = work / "out"
+    resume = Partial(out).path.exists()
+    state_file = work / "bench_blocks.json"  # per-block measurements of earlier sessions of this run
+    state = json.loads(state_file.read_text()) if resume and state_file.exists() else {"blocks": [], "gflop": 0.0}
 
     events = []
     from torch.utils.flop_counter import FlopCounterMode
@@ -101,21 +115,26 @@ def main(argv=None):
     def monitor(event, model, resident):
         events.append({"event": event, "t": time.perf_counter(), "rss": current_rss(), "resident_params": resident,
                        "flops": counter.get_total_flops() if counter is not None else 0})
+        if event == "block released":
+            start = next(e for e in reversed(events) if e["event"] == "block loaded")
+            state["blocks"].append({"seconds": round(events[-1]["t"] - start["t"], 2),
+                                    "gflop": round((events[-1]["flops"] - start["flops"]) / 1e9, 4)})
+            tmp = state_file.with_suffix(".tmp")
+            tmp.write_text(json.dumps({**state, "gflop": state["gflop"] + events[-1]["flops"] / 1e9}))
+            os.replace(tmp, state_file)
     t0 = time.perf_counter()
     with counter if counter is not None else contextlib.nullcontext():
-        report = compress_streaming(args.model, out, config, tokens=tokens, monitor=monitor,
+        report = compress_streaming(args.model, out, config, tokens=tokens, monitor=monitor, resume=resume,
                                     max_blocks=args.max_blocks)
-    wall = time.perf_counter() - t0
+    wall = report["totals"]["wall_seconds"] if report else time.perf_counter() - t0  # the journal sums sessions
     journal = json.loads((Partial(out).path / "journal.json").read_text()) if report is None else None
     split = report["streaming"]["seconds"] if report else dict(journal["timings"])
     if report is None:
         split["forward"] = split.get("forward", 0) - split.get("covariance", 0)
-    flops = counter.get_total_flops() if counter is not None else None
+    flops = state["gflop"] * 1e9 + counter.get_total_flops() if counter is not None else None
     compute = split.get("forward", 0) + split.get("covariance", 0) + split.get("factorize", 0)
-    starts = [e for e in events if e["event"] == "block loaded"]
-    ends = [e for e in events if e["event"] == "block released"]
-    block_seconds = [round(e["t"] - s["t"], 2) for s, e in zip(starts, ends)]
-    block_gflop = [round((e["flops"] - s["flops"]) / 1e9, 4) for s, e in zip(starts, ends)]
+    block_seconds = [b["seconds"] for b in state["blocks"]]
+    block_gflop = [b["gflop"] for b in state["blocks"]]
     result = {
         "what": "streaming compression of a LLaMA-2-7B-shaped checkpoint with random bf16 weights",
         "model": {"path": args.model, "blocks": n_blocks, "parameters": total},
@@ -127,7 +146,8 @@ def main(argv=None):
         "seconds_by_step": {k: round(v, 1) for k, v in split.items()},
         "block_seconds": block_seconds,
         "block_matrix_product_gflop": block_gflop if flops else None,
-        "peak_rss_gib": round(peak_rss_bytes() / 2**30, 3),
+        "sessions": report["streaming"]["sessions"] if report else 1,
+        "peak_rss_gib": round(max(peak_rss_bytes(), report["totals"]["peak_rss_bytes"] if report else 0) / 2**30, 3),
         "rss_gib_at_events": [{"event": e["event"], "rss_gib": round(e["rss"] / 2**30, 3)} for e in events],
         "matmul_fp32_peak_gflops": round(peak, 1),
         "matrix_product_gflop": round(flops / 1e9, 1) if flops else None,

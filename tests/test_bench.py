@@ -90,24 +90,33 @@ def test_report_writes_the_heal_table_from_heal_files(tmp_path):
     assert "old" not in out and out.endswith("y\n")
 
 
-def test_stream_benchmark_smoke(tmp_path):
-    """bench/stream.py --max-blocks on a few-MB checkpoint from the 7B script: one dense and one
-    compressed block measured, the extrapolation and its floor written, nothing left behind."""
-    import torch
-
+def tiny_checkpoint(folder):
+    """A few-MB bf16 checkpoint from the 7B script (3 blocks)."""
     script_path = BENCH.parent / "scripts" / "make_llama7b_shaped.py"
     spec = importlib.util.spec_from_file_location("make_llama7b_shaped", script_path)
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
-    ckpt = script.make(tmp_path / "ckpt", hidden=64, layers=3, intermediate=160, heads=4, kv_heads=2, vocab=256,
+    return script.make(folder, hidden=64, layers=3, intermediate=160, heads=4, kv_heads=2, vocab=256,
                        shard_mb=0, tokenizer=False, progress=False)
-    results = tmp_path / "results"
+
+
+STREAM_ARGS = ["--last-blocks", "2", "--nsamples", "8", "--seqlen", "16", "--batch-size", "4", "--activations", "disk",
+               "--activations-dtype", "bfloat16"]
+
+
+def stream_bench(argv):
+    import torch
     try:
-        bench_module("stream").main(["--model", str(ckpt), "--max-blocks", "2", "--last-blocks", "2", "--nsamples", "8",
-                                     "--seqlen", "16", "--batch-size", "4", "--activations", "disk",
-                                     "--activations-dtype", "bfloat16", "--results", str(results)])
+        bench_module("stream").main(argv)
     finally:
         torch.set_grad_enabled(True)
+
+
+def test_stream_benchmark_smoke(tmp_path):
+    """bench/stream.py --max-blocks on a few-MB checkpoint from the 7B script: one dense and one
+    compressed block measured, the extrapolation and its floor written, nothing left behind."""
+    ckpt, results = tiny_checkpoint(tmp_path / "ckpt"), tmp_path / "results"
+    stream_bench(["--model", str(ckpt), "--max-blocks", "2", *STREAM_ARGS, "--results", str(results)])
     r = json.loads((results / "stream_llama7b-shaped_max2.json").read_text())
     assert r["blocks_run"] == 2 and len(r["block_matrix_product_gflop"]) == 2
     assert r["block_matrix_product_gflop"][1] != r["block_matrix_product_gflop"][0]  # dense vs compressed block
@@ -116,3 +125,25 @@ def test_stream_benchmark_smoke(tmp_path):
     assert ex["full_run_matrix_product_gflop"] == pytest.approx(1 * dense + 2 * compressed, abs=1e-3)  # 3 blocks
     assert {"forward", "covariance", "factorize"} <= set(r["seconds_by_step"])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "results"]  # its work folder was removed
+
+
+def test_stream_benchmark_full_run_resumes_in_its_work_folder(tmp_path, monkeypatch):
+    """A full run interrupted after its first block is finished by the same command: every block is
+    measured once, the sessions add up, and the work folder goes away at the end."""
+    ckpt, results, work = tiny_checkpoint(tmp_path / "ckpt"), tmp_path / "results", tmp_path / "work"
+    argv = ["--model", str(ckpt), "--work", str(work), *STREAM_ARGS, "--results", str(results)]
+    mod = bench_module("stream")
+    real = mod.compress_streaming
+
+    def killed_after_one_block(*a, **kw):
+        real(*a, **{**kw, "max_blocks": 1})
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(mod, "compress_streaming", killed_after_one_block)
+    with pytest.raises(KeyboardInterrupt):
+        mod.main(argv)
+    assert len(json.loads((work / "bench_blocks.json").read_text())["blocks"]) == 1
+    stream_bench(argv)  # a fresh load of the script: the real compress_streaming, resuming
+    r = json.loads((results / "stream_llama7b-shaped_full.json").read_text())
+    assert r["sessions"] == 2 and r["blocks_run"] == 3 and len(r["block_matrix_product_gflop"]) == 3
+    assert not work.exists()
