@@ -147,3 +147,17 @@ def test_stream_benchmark_full_run_resumes_in_its_work_folder(tmp_path, monkeypa
     r = json.loads((results / "stream_llama7b-shaped_full.json").read_text())
     assert r["sessions"] == 2 and r["blocks_run"] == 3 and len(r["block_matrix_product_gflop"]) == 3
     assert not work.exists()
+
+
+def test_options_table_compares_each_option_with_the_default():
+    def run(variant, budget, ppl):
+        return {"variant": variant, "budget": budget, "eval": {"perplexity": {"model": ppl}}}
+
+    by_model = {"a": [run("rom", 0.9, 10.0), run("rom-uncentred", 0.9, 12.0), run("rom", 0.8, 20.0),
+                      run("rom-uncentred", 0.8, 15.0), run("rom-nonseq", 0.8, 40.0)],
+                "b": [run("rom-uncentred", 0.9, 5.0)]}  # no default run there: not compared
+    table = bench_module("report").options_table(by_model)
+    rows = {line.split(" | ")[0].strip("| "): line for line in table.splitlines()}
+    assert rows["rom-uncentred"] == "| rom-uncentred | 2 | 0.949 | 1 of 2 | a 0.8 |"  # sqrt(1.2 * 0.75)
+    assert rows["rom-nonseq"] == "| rom-nonseq | 1 | 2.000 | 1 of 1 | - |"
+    assert "rom-sparse" not in rows
