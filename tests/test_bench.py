@@ -161,3 +161,19 @@ def test_options_table_compares_each_option_with_the_default():
     assert rows["rom-uncentred"] == "| rom-uncentred | 2 | 0.949 | 1 of 2 | a 0.8 |"  # sqrt(1.2 * 0.75)
     assert rows["rom-nonseq"] == "| rom-nonseq | 1 | 2.000 | 1 of 1 | - |"
     assert "rom-sparse" not in rows
+
+
+def test_speed_benchmark_smoke(tiny_folder, tmp_path):
+    """bench/speed.py: every variant compressed and timed against the dense model in one file."""
+    import torch
+    try:
+        bench_module("speed").main(["--model", str(tiny_folder), "--budget", "0.9", "--variants", "rom,rom-sparse",
+                                    "--last-blocks", "2", "--nsamples", "8", "--seqlen", "32", "--rounds", "1",
+                                    "--results", str(tmp_path)])
+    finally:
+        torch.set_grad_enabled(True)
+    r = json.loads((tmp_path / "speed_llama_0.9.json").read_text())
+    assert set(r["runs"]) == {"dense", "rom", "rom-sparse"} and r["runs"]["dense"]["prefill_vs_dense"] == 1
+    assert r["runs"]["rom"]["parameters"] < r["runs"]["dense"]["parameters"]
+    assert r["runs"]["rom-sparse"]["parameters"] <= r["runs"]["rom"]["parameters"]  # the same budget
+    assert all(x["decode_tokens_per_s"] > 0 for x in r["runs"].values())
