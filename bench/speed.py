@@ -53,12 +53,14 @@ def main(argv=None):
     if last_n is None:
         ref = Path(args.results) / "runs" / f"{name}_{args.budget:g}_rom.json"
         if not ref.exists():
-            raise SystemExit(f"{ref} not found: run bench/run.py for this model and budget first, or give --last-blocks")
+            raise SystemExit(f"{ref} not found: run bench/run.py for this model and budget first, "
+                             "or give --last-blocks")
         last_n = json.loads(ref.read_text())["plan"]["last_blocks"]
     torch.set_grad_enabled(False)
     dense, tok = llmrom.load_model(args.model)
     tokens = calibration_windows(tok, load_text("pydoc"), args.nsamples, args.seqlen, 0)
-    models, cost = {"dense": dense}, {"dense": {"parameters": count_params(dense), "macs_per_token": macs_per_token(dense)}}
+    models = {"dense": dense}
+    cost = {"dense": {"parameters": count_params(dense), "macs_per_token": macs_per_token(dense)}}
     for v in variants:
         fields = {"budget": args.budget, "nsamples": args.nsamples, "seqlen": args.seqlen, **run.VARIANTS[v]}
         if run.same_blocks(v):
