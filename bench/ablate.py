@@ -49,12 +49,7 @@ def main(argv=None):
     if unknown:
         ap.error(f"unknown settings {unknown}; choose from {list(SETTINGS)}")
     name = run.stem(args.model)
-    last_n = args.last_blocks
-    if last_n is None:
-        ref = Path(args.results) / "runs" / f"{name}_{args.budget:g}_rom.json"
-        if not ref.exists():
-            raise SystemExit(f"{ref} not found: run bench/run.py for this model and budget first, or give --last-blocks")
-        last_n = json.loads(ref.read_text())["plan"]["last_blocks"]
+    last_n = args.last_blocks or run.benchmark_last_blocks(args.results, name, args.budget)
     root = Path(args.results) / "ablation" / f"{name}_{args.budget:g}"
     for setting in args.settings.split(","):
         calib, nsamples, seqlen = SETTINGS[setting]

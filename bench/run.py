@@ -91,6 +91,14 @@ def parse_args(argv=None):
     return args
 
 
+def benchmark_last_blocks(results, name, budget):
+    """N of the benchmark's rom run of `name` at `budget` (chosen there automatically); exits if it has not run."""
+    ref = Path(results) / "runs" / f"{name}_{budget:g}_rom.json"
+    if not ref.exists():
+        raise SystemExit(f"{ref} not found: run bench/run.py for this model and budget first, or give --last-blocks")
+    return json.loads(ref.read_text())["plan"]["last_blocks"]
+
+
 def stem(model):
     return Path(model).name.removesuffix(".gguf") if ("/" in model or model.endswith(".gguf")) else model
 

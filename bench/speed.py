@@ -14,7 +14,6 @@ Writes bench/results/speed_<model>_<budget>.json.
 
 import argparse
 import copy
-import json
 import os
 import sys
 from pathlib import Path
@@ -49,13 +48,7 @@ def main(argv=None):
     if unknown:
         ap.error(f"unknown variants {unknown}; choose from {list(run.VARIANTS)}")
     name = run.stem(args.model)
-    last_n = args.last_blocks
-    if last_n is None:
-        ref = Path(args.results) / "runs" / f"{name}_{args.budget:g}_rom.json"
-        if not ref.exists():
-            raise SystemExit(f"{ref} not found: run bench/run.py for this model and budget first, "
-                             "or give --last-blocks")
-        last_n = json.loads(ref.read_text())["plan"]["last_blocks"]
+    last_n = args.last_blocks or run.benchmark_last_blocks(args.results, name, args.budget)
     torch.set_grad_enabled(False)
     dense, tok = llmrom.load_model(args.model)
     tokens = calibration_windows(tok, load_text("pydoc"), args.nsamples, args.seqlen, 0)
