@@ -53,6 +53,10 @@ VARIANTS = {  # name: CompressConfig fields that differ from the defaults
 }
 
 
+MODULE_KEYS = ("name", "d_in", "d_out", "rank", "nnz", "params_before", "params_after", "explained_variance",
+               "relative_error", "explained_curve")  # per module in each results file (nnz: sparse residual)
+
+
 def same_blocks(variant):
     """Whether the variant compresses the blocks the default variant chose (else it has its own policy)."""
     return not {"last_blocks", "policy"} & set(VARIANTS[variant])
@@ -159,9 +163,7 @@ def run_model(model_name, args, out):
                    "config": report["config"], "plan": report["plan"], "totals": report["totals"],
                    "compress_seconds": seconds, "peak_rss_bytes_during_compression": rss,
                    "peak_rss_note": "whole process: includes the dense model kept resident for evaluation",
-                   "modules": [{k: m[k] for k in ("name", "d_in", "d_out", "rank", "params_before", "params_after",
-                                                   "explained_variance", "relative_error", "explained_curve")}
-                               for m in report["modules"]],
+                   "modules": [{k: m.get(k) for k in MODULE_KEYS} for m in report["modules"]],
                    "eval": res, "environment": environment()}
             write_json_atomic(path, row)
             print(f"{name} budget {budget:g} {variant}: kept {report['totals']['kept_fraction']:.4f}, "
