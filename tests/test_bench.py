@@ -177,3 +177,15 @@ def test_speed_benchmark_smoke(tiny_folder, tmp_path):
     assert r["runs"]["rom"]["parameters"] < r["runs"]["dense"]["parameters"]
     assert r["runs"]["rom-sparse"]["parameters"] <= r["runs"]["rom"]["parameters"]  # the same budget
     assert all(x["decode_tokens_per_s"] > 0 for x in r["runs"].values())
+
+
+def test_target_table_measures_the_default_and_the_best_option_against_half_the_gap():
+    def run(variant, ppl, budget=0.9):
+        return {"variant": variant, "budget": budget, "eval": {"perplexity": {"model": ppl}}}
+
+    runs = [run("dense", 10.0, 1.0), run("rom", 20.0), run("rom-uncentred", 22.0), run("svd-llm", 40.0),
+            run("rom-sparse", 15.0)]
+    line = bench_module("report").target_table({"m": runs}).splitlines()[-1]
+    # best baseline 22 -> target 16; rom closes (22 - 20) / 12, rom-sparse (22 - 15) / 12
+    assert line == ("| m | 0.9 | 10.00 | rom-uncentred 22.00 (not run: svd) | 16.00 | 20.00 | 17% | no "
+                    "| rom-sparse 15.00 | 58% | yes |")
