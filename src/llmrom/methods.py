@@ -93,10 +93,10 @@ def rom(weight, bias, moments, rank, centered=False):
     and E||W x||^2 = (sum of all of them) + k ||W m||^2, with k = 1 centred and 0 uncentred.
     """
     w = weight.to(torch.float64)
-    stats = moments.covariance() if centered else moments.second_moment()
-    v_eigh = moments.eigh(centered) if w.shape[0] > w.shape[1] else None
-    vals, v = output_eigh(w, stats, v_eigh, top=rank)
-    del stats
+    if w.shape[0] > w.shape[1]:  # through the input statistics' own eigen-decomposition, shared by the group
+        vals, v = output_eigh(w, None, moments.eigh(centered), top=rank)
+    else:
+        vals, v = output_eigh(w, moments.covariance() if centered else moments.second_moment(), top=rank)
     first = v.T @ w
     out_mean = w @ moments.mean()
     err_mean = out_mean - v @ (first @ moments.mean())
