@@ -38,6 +38,7 @@ from llmrom.api import linear_shapes
 from llmrom.arch import layout_for
 from llmrom.config import CompressConfig
 from llmrom.cost import count_params, peak_rss_bytes
+from llmrom.io import write_json_atomic
 from llmrom.ranks import module_budget_for
 from llmrom.stream import Partial, build_skeleton, compress_streaming, discard
 
@@ -119,9 +120,7 @@ def main(argv=None):
             start = next(e for e in reversed(events) if e["event"] == "block loaded")
             state["blocks"].append({"seconds": round(events[-1]["t"] - start["t"], 2),
                                     "gflop": round((events[-1]["flops"] - start["flops"]) / 1e9, 4)})
-            tmp = state_file.with_suffix(".tmp")
-            tmp.write_text(json.dumps({**state, "gflop": state["gflop"] + events[-1]["flops"] / 1e9}))
-            os.replace(tmp, state_file)
+            write_json_atomic(state_file, {**state, "gflop": state["gflop"] + events[-1]["flops"] / 1e9})
     t0 = time.perf_counter()
     with counter if counter is not None else contextlib.nullcontext():
         report = compress_streaming(args.model, out, config, tokens=tokens, monitor=monitor, resume=resume,
@@ -186,9 +185,7 @@ def main(argv=None):
     results = Path(args.results)
     results.mkdir(parents=True, exist_ok=True)
     path = results / f"stream_{args.name}_{'max' + str(args.max_blocks) if args.max_blocks else 'full'}.json"
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_json_atomic(path, result)
     print(json.dumps(result, indent=2))
     print(f"written to {path}")
 
