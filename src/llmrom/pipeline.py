@@ -143,7 +143,8 @@ def compress_block(block, prefix, i, groups, calls, hidden, plan, opts, timings=
                     if mid is None:
                         mid = stack.enter_context(scratch_store(hidden, torch.float32))
                         _fill_mid(block, half, hidden, mid, forward)
-                    src, fwd = mid, _half_forward(block, half, opts.device, timings)
+                        half_forward = _half_forward(block, half, opts.device, timings)
+                    src, fwd = mid, half_forward
                 if dense is None:
                     method, moments = _group_statistics(block, group, src, fwd, opts, timings)
                 else:
@@ -160,7 +161,6 @@ def compress_block(block, prefix, i, groups, calls, hidden, plan, opts, timings=
                                              timings))
         if opts.sequential or not any(todo):
             if mid is not None:
-                half_forward = _half_forward(block, half, opts.device, timings)
                 _check_half(forward(hidden[0]), half_forward(mid[0]), i, half)
                 _advance(mid, hidden, half_forward, i, f"block {i} outputs", opts.progress)
             else:
