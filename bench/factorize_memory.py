@@ -56,12 +56,12 @@ def chunks(tokens, chunk, dtype):
         yield (x ** 3).to(dtype)
 
 
+@torch.no_grad()
 def child(args):
     """One path in this (fresh) process; prints a JSON line and saves the factors to args.save."""
     from llmrom.methods import rom, rom_from_outputs
     from llmrom.stats import Moments
 
-    torch.set_grad_enabled(False)
     dtype = getattr(torch, args.dtype)
     w = weight(dtype)
     baseline_kib = status_kib("VmRSS")

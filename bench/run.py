@@ -173,9 +173,9 @@ def run_model(model_name, args, out):
     del dense
 
 
+@torch.no_grad()
 def main(argv=None):
     args = parse_args(argv)
-    torch.set_grad_enabled(False)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for model_name in args.models.split(","):

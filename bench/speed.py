@@ -32,6 +32,7 @@ from llmrom.speed import measure_speed  # noqa: E402
 from llmrom.textdata import calibration_windows, load_text  # noqa: E402
 
 
+@torch.no_grad()
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
@@ -49,7 +50,6 @@ def main(argv=None):
         ap.error(f"unknown variants {unknown}; choose from {list(run.VARIANTS)}")
     name = run.stem(args.model)
     last_n = args.last_blocks or run.benchmark_last_blocks(args.results, name, args.budget)
-    torch.set_grad_enabled(False)
     dense, tok = llmrom.load_model(args.model)
     tokens = calibration_windows(tok, load_text("pydoc"), args.nsamples, args.seqlen, 0)
     models = {"dense": dense}

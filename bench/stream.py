@@ -57,6 +57,7 @@ def current_rss():
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+@torch.no_grad()
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", required=True, help="a safetensors folder (scripts/make_llama7b_shaped.py)")
@@ -75,7 +76,6 @@ def main(argv=None):
     ap.add_argument("--name", default="llama7b-shaped")
     ap.add_argument("--results", default=str(Path(__file__).parent / "results"))
     args = ap.parse_args(argv)
-    torch.set_grad_enabled(False)
 
     peak = matmul_peak()
     skeleton = build_skeleton(Path(args.model), torch.float32)

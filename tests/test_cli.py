@@ -30,6 +30,7 @@ def test_compress_info_and_reload(tiny_folder, tmp_path, capsys):
     code, stdout, err = run(capsys, "compress", tiny_folder, "--budget", "0.9", "--out", out, *FAST,
                             "--eval", held_out, "--eval-seqlen", "64", "--eval-windows", "4")
     assert code == 0, err
+    assert torch.is_grad_enabled()  # in-process callers keep their autograd mode
     assert "kept 0.8" in stdout and "perplexity on" in stdout and str(out) in stdout
     report = json.loads((out / "llmrom_report.json").read_text())
     assert report["totals"]["kept_fraction"] <= 0.9

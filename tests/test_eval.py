@@ -116,6 +116,7 @@ def test_cli_eval_of_a_compressed_folder_against_its_recorded_source(tiny_folder
     code, stdout, err = run(capsys, "eval", out, "--ppl", held, "--seqlen", "64", "--windows", "3",
                             "--fidelity-windows", "2", "--no-speed", "--json", tmp_path / "r.json")
     assert code == 0, err
+    assert torch.is_grad_enabled()  # in-process callers keep their autograd mode
     res = json.loads((tmp_path / "r.json").read_text())
     assert res["reference"]["source"] == str(tiny_folder)  # 'auto' found the dense source in the report
     assert res["model"]["bytes_of"].startswith("safetensors") and res["model"]["bytes"] < res["reference"]["bytes"]

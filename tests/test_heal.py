@@ -53,7 +53,7 @@ def factor_names(model):
 
 
 def test_heal_trains_when_gradients_are_off_globally(compressed, tok, texts):
-    """The CLI's other commands switch autograd off for the process; heal must not depend on it."""
+    """A caller may have switched autograd off for the whole process; heal must not depend on it."""
     model = copy.deepcopy(compressed[0])
     before = params_of(model)
     torch.set_grad_enabled(False)

@@ -218,6 +218,5 @@ def test_cli_stream_and_its_refusals(random_ckpt, tmp_path, capsys):
 
 def test_streaming_leaves_the_callers_grad_mode_alone(tmp_path):
     folder = sharded("llama", tmp_path / "src")
-    torch.set_grad_enabled(True)  # whatever earlier tests (CLI entry points) left
     compress_streaming(folder, tmp_path / "out", CompressConfig(**CFG), tokens=calib_tokens(), progress=False)
     assert torch.is_grad_enabled()

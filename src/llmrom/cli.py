@@ -1,6 +1,7 @@
 """Command line: parsing only; the work is done by llmrom.api. User errors print one line, exit 2."""
 
 import argparse
+import functools
 import json
 import logging
 import os
@@ -11,6 +12,16 @@ from .config import CompressConfig, config_fields
 from .errors import LlmromError
 
 log = logging.getLogger("llmrom")
+
+
+def _without_grad(command):
+    """Run a command with autograd off, and leave the caller's mode as it was (in-process callers)."""
+    @functools.wraps(command)
+    def run(args):
+        import torch
+        with torch.no_grad():
+            return command(args)
+    return run
 
 
 def _add_config_options(p):
@@ -75,9 +86,8 @@ def main(argv=None):
         return 130
 
 
+@_without_grad
 def cmd_compress(args):
-    import torch
-
     from . import api
     from .io import check_output, load_model
     from .perplexity import perplexity
@@ -91,7 +101,6 @@ def cmd_compress(args):
     eval_text = load_text(args.eval) if args.eval else None
     if eval_text is not None and args.eval == cfg.calib:
         raise LlmromError("--eval must be held-out text, different from --calib")
-    torch.set_grad_enabled(False)
     log.info("loading %s", args.model)
     model, tokenizer = load_model(args.model, args.gguf_file, cfg.dtype)
     ppl = {}
@@ -186,14 +195,12 @@ def _add_eval_parser(sub, packaged):
     e.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
 
 
+@_without_grad
 def cmd_eval(args):
-    import torch
-
     from .cost import disk_bytes
     from .evaluate import evaluate, format_results
     from .io import REPORT_NAME, is_llmrom_folder, load_model, write_json_atomic
 
-    torch.set_grad_enabled(False)
     for name in ("seqlen", "fidelity_windows", "task_batch_size"):
         if getattr(args, name) < 1:
             raise LlmromError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
