@@ -185,3 +185,18 @@ def test_target_table_measures_the_default_and_the_best_option_against_half_the_
     # best baseline 22 -> target 16; rom closes (22 - 20) / 12, rom-sparse (22 - 15) / 12
     assert line == ("| m | 0.9 | 10.00 | rom-uncentred 22.00 (not run: svd) | 16.00 | 20.00 | 17% | no "
                     "| rom-sparse 15.00 | 58% | yes |")
+
+
+def test_sparse_layers_benchmark_smoke(tiny_folder, tmp_path):
+    """bench/sparse_layers.py: every linear of the two measured blocks, each fit at its stated rank."""
+    import torch
+    bench_module("sparse_layers").main(["--model", str(tiny_folder), "--module-budget", "0.5", "--nsamples", "8",
+                                        "--seqlen", "32", "--results", str(tmp_path)])
+    assert torch.is_grad_enabled()
+    r = json.loads((tmp_path / "sparse_layers_llama.json").read_text())
+    assert r["blocks"] == [1] and len(r["rows"]) == 7  # blocks N/2 = 1 and the last: the same block here
+    for row in r["rows"]:
+        assert row["low_rank"] == int(0.75 * row["rank"]) and row["nnz"] > 0
+        assert 0 < row["plain"] < 1
+        assert row["entries/3"] <= row["entries/1"] + 1e-12  # the best of the rounds is kept; round 1 is one
+    assert "| 1 | mlp.down_proj | 64 x 128 |" in (tmp_path / "sparse_layers_llama.md").read_text()
