@@ -48,6 +48,7 @@ VARIANTS = {  # name: CompressConfig fields that differ from the defaults
     "rom-correct": {"correct": True},  # calibrated toward the dense model's outputs (methods.rom_corrected)
     "rom-sparse": {"sparse": 0.25},  # a quarter of each module's budget to a sparse residual (llmrom.sparse)
     "rom-sparse50": {"sparse": 0.5},  # half of it
+    "rom-sparse-lean": {"sparse": 0.25, "sparse_modules": "lean"},  # not on down_proj: its memory stays as rom's
     "rom-welore": {"policy": "welore"},  # ROM with WeLore's spectrum-based ranks over all blocks
     "rom-global": {"policy": "global"},  # ROM with data-aware ranks over all blocks
 }

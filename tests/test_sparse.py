@@ -98,6 +98,28 @@ def test_whole_model_budget_is_met(sparse):
     assert plain_after - n_sparse <= after <= plain_after
 
 
+def test_lean_sparse_leaves_output_statistics_modules_plain():
+    """--sparse-modules lean: down_proj (fewer outputs than inputs, alone in its group) keeps plain factors
+    at its planned rank and is fitted from its output statistics; the other linears still get sparse parts."""
+    from llmrom.pipeline import LoopOptions, uses_output_stats
+    cfg = dict(last_blocks=2, module_budget=0.5, sparse=0.25)
+    _, lean, _ = compress_tiny("llama", **cfg, sparse_modules="lean")
+    _, every, _ = compress_tiny("llama", **cfg)
+    _, plain, _ = compress_tiny("llama", last_blocks=2, module_budget=0.5)
+    rank = {r["name"]: r["rank"] for r in plain["modules"]}
+    for report, down_sparse in ((lean, False), (every, True)):
+        down = [r for r in report["modules"] if r["name"].endswith("down_proj")]
+        assert len(down) == 2 and all(bool(r["nnz"]) == down_sparse for r in down)
+        assert any(r["nnz"] for r in report["modules"] if not r["name"].endswith("down_proj"))
+    assert all(r["rank"] == rank[r["name"]] for r in lean["modules"] if r["name"].endswith("down_proj"))
+    assert lean["totals"]["kept_fraction"] <= plain["totals"]["kept_fraction"]
+    block = tiny_model("llama").model.layers[0]
+    assert uses_output_stats(block, ("mlp.down_proj",), LoopOptions(sparse=0.25, sparse_modules="lean"))
+    assert not uses_output_stats(block, ("mlp.down_proj",), LoopOptions(sparse=0.25))
+    with pytest.raises(LlmromError, match="--sparse-modules must be all or lean"):
+        CompressConfig(budget=0.8, sparse=0.25, sparse_modules="some")
+
+
 # ---- the math ------------------------------------------------------------------------------------------
 
 def heavy_tailed(d_in=48, d_out=40, n=4000, seed=0, spikes=40, bias=True):

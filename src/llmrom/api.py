@@ -84,7 +84,7 @@ def loop_options(config, progress=True):
                        batch_size=config.batch_size, device=config.device, progress=progress,
                        activations=config.activations, activations_dtype=config.activations_dtype,
                        correct=config.correct, sparse=config.sparse, sparse_select=config.sparse_select,
-                       sparse_rounds=config.sparse_rounds)
+                       sparse_rounds=config.sparse_rounds, sparse_modules=config.sparse_modules)
 
 
 def compress(model, tokenizer, config: CompressConfig, progress=True, tokens=None):

@@ -81,6 +81,11 @@ class CompressConfig:
     sparse_rounds: int = _f(3, "with --sparse: rounds of alternating fits; each extra round refits the factors "
                                "to W - sparse part and the sparse part to the new residual (robust-PCA style), "
                                "keeping the round with the lowest calibration output error")
+    sparse_modules: str = _f("all", "with --sparse: all (every factorized linear) or lean (all but the linears "
+                                    "that rom fits from the moments of their outputs, i.e. single linears with "
+                                    "fewer outputs than inputs such as down_proj: they keep plain factors at "
+                                    "their full rank, and their d_in x d_in input statistics are never "
+                                    "collected, so memory stays as without --sparse)")
 
     def __post_init__(self):
         if self.budget is not None and not 0 < self.budget <= 1:
@@ -126,6 +131,8 @@ class CompressConfig:
             raise LlmromError(f"--sparse-select must be entries or channels, got {self.sparse_select!r}")
         if isinstance(self.sparse_rounds, bool) or not isinstance(self.sparse_rounds, int) or self.sparse_rounds < 1:
             raise LlmromError(f"--sparse-rounds must be a positive integer, got {self.sparse_rounds!r}")
+        if self.sparse_modules not in ("all", "lean"):
+            raise LlmromError(f"--sparse-modules must be all or lean, got {self.sparse_modules!r}")
         if self.activations_dtype not in (None, "float32", "bfloat16", "float16"):
             raise LlmromError(f"--activations-dtype must be float32, bfloat16 or float16, got {self.activations_dtype!r}")
 

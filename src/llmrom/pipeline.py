@@ -77,6 +77,7 @@ class LoopOptions:
     sparse: float = 0.0  # fraction of each module's budget given to a sparse residual (llmrom.sparse)
     sparse_select: str = "entries"  # its support: entries or channels
     sparse_rounds: int = 3  # alternating rounds of factors and sparse part
+    sparse_modules: str = "all"  # lean: no sparse part where rom fits from output statistics (CompressConfig)
 
     def __post_init__(self):
         check_correction(self.correct, self.sequential, self.method, self.sparse)
@@ -255,8 +256,10 @@ def _timed(run, device, timings):
 
 def uses_output_stats(block, group, opts):
     """Whether a sequential group is factorized from the moments of its outputs: `rom`, one linear,
-    d_out < d_in (its output statistics are then the smaller ones)."""
-    if not (opts.output_stats and opts.sequential and opts.method == "rom" and len(group) == 1 and not opts.sparse):
+    d_out < d_in (its output statistics are then the smaller ones); not when --sparse (all modules)
+    needs its input statistics."""
+    sparse_here = opts.sparse and opts.sparse_modules == "all"
+    if not (opts.output_stats and opts.sequential and opts.method == "rom" and len(group) == 1 and not sparse_here):
         return False
     d_out, d_in = weight_matrix(block.get_submodule(group[0])).shape
     return d_out < d_in
@@ -364,7 +367,8 @@ def _factorize_into(block, prefix, name, method, moments, plan, opts, t0):
     moments.check_finite(full)
     module = block.get_submodule(name)
     w = weight_matrix(module)
-    shape = LinearShape.of(full, -1, w, module.bias is not None, opts.centered, opts.sparse)
+    sparse = 0.0 if method is rom_from_outputs else opts.sparse  # --sparse-modules lean: output statistics only
+    shape = LinearShape.of(full, -1, w, module.bias is not None, opts.centered, sparse)
     rank = plan[full]
     if not shape.worthwhile(rank):
         return ModuleRecord(full, shape.d_in, shape.d_out, None, shape.dense_params, shape.dense_params,
@@ -376,7 +380,7 @@ def _factorize_into(block, prefix, name, method, moments, plan, opts, t0):
     low, nnz = shape.split(rank)
     bias_in = module.bias.detach() if module.bias is not None else None
     try:
-        if nnz:  # input moments: uses_output_stats is off when sparse, and --correct is refused with it
+        if nnz:  # input moments (output-statistics modules got sparse 0 above); --correct is refused with it
             f = low_rank_plus_sparse(method, w.detach(), bias_in, moments, low, nnz, opts.centered,
                                      opts.sparse_select, opts.sparse_rounds, plain_rank=rank)
         else:
