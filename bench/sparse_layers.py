@@ -51,9 +51,9 @@ FITS = {  # name: (select, rounds, nonzeros multiplier)
 }
 
 
-def block_inputs(model, blocks, names, windows, batch_size):
-    """Moments of the inputs of `names` (relative to a block) in each of `blocks`, on the dense model."""
-    layers = find_blocks(model)[1]
+def block_inputs(model, layers, blocks, names, windows, batch_size):
+    """Moments of the inputs of `names` (relative to a block) in each of `blocks` (indices into `layers`,
+    the model's blocks), on the dense model."""
     moments, hooks = {}, []
     for b in blocks:
         for n in names:
@@ -72,7 +72,7 @@ def block_inputs(model, blocks, names, windows, batch_size):
 def fit_errors(w, mo, module_budget):
     """{fit: relative calibration output error} for one weight and its input moments (centred)."""
     shape = LinearShape.of("m", -1, w, False, True, SPARSE)
-    rank = max(1, int(module_budget * shape.d_in * shape.d_out / (shape.d_in + shape.d_out)))
+    rank = shape.paper_rank(module_budget)
     low, nnz = shape.split(rank)
     plain = rom(w, None, mo, rank, True)
     energy = plain.output_energy
@@ -97,7 +97,8 @@ def main(argv=None):
     args = ap.parse_args(argv)
     name = run.stem(args.model)
     model, tok = llmrom.load_model(args.model)
-    n_blocks = len(find_blocks(model)[1])
+    layers = find_blocks(model)[1]
+    n_blocks = len(layers)
     ref = Path(args.results) / "runs" / f"{name}_{args.budget:g}_rom.json"
     if args.module_budget is None and not ref.exists():
         raise SystemExit(f"{ref} not found: run bench/run.py for this model and budget first, or give --module-budget")
@@ -106,10 +107,10 @@ def main(argv=None):
     blocks = sorted({n_blocks - plan["last_blocks"], n_blocks - 1})
     names = [n for g in layout_for(model).groups for n in g]
     windows = calibration_windows(tok, load_text("pydoc"), args.nsamples, args.seqlen, 0)
-    moments = block_inputs(model, blocks, names, windows, args.batch_size)
+    moments = block_inputs(model, layers, blocks, names, windows, args.batch_size)
     rows = []
     for (b, n), mo in moments.items():
-        w = weight_matrix(find_blocks(model)[1][b].get_submodule(n)).detach().double()
+        w = weight_matrix(layers[b].get_submodule(n)).detach().double()
         rows.append({"block": b, "module": n, "d_out": w.shape[0], "d_in": w.shape[1],
                      **fit_errors(w, mo, module_budget)})
         print(rows[-1], flush=True)

@@ -218,5 +218,6 @@ def test_cli_stream_and_its_refusals(random_ckpt, tmp_path, capsys):
 
 def test_streaming_leaves_the_callers_grad_mode_alone(tmp_path):
     folder = sharded("llama", tmp_path / "src")
+    assert torch.is_grad_enabled()  # no earlier test left it off
     compress_streaming(folder, tmp_path / "out", CompressConfig(**CFG), tokens=calib_tokens(), progress=False)
     assert torch.is_grad_enabled()
