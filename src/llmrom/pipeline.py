@@ -33,6 +33,7 @@ from .activations import MemoryStore, activation_store, copied_store, parse_dtyp
 from .arch import trace_groups, weight_matrix
 from .capture import StopForward, block0_input, record_calls, run_block, to_device
 from .config import check_correction
+from .cost import return_free_memory
 from .errors import LlmromError, NonFiniteError
 from .factorized import FactorizedLinear, replace_module
 from .methods import METHODS, rom_corrected, rom_from_outputs
@@ -104,6 +105,7 @@ def compress_blocks(model, layout, tokens, plan, opts, timings=None):
             if dense is not None:
                 dense.end_block()
             block.to(home)
+            return_free_memory()
     return records
 
 

@@ -41,7 +41,7 @@ from .activations import FILES, DiskStore, MemoryStore, parse_dtype, read_record
 from .api import build_report, choose_plan, linear_shapes, loop_options
 from .arch import layout_for
 from .capture import record_calls
-from .cost import count_params, macs_per_token, peak_rss_bytes
+from .cost import count_params, macs_per_token, peak_rss_bytes, return_free_memory
 from .errors import LlmromError
 from .factorized import FORMAT_VERSION, apply_factorization
 from .ggufcheckpoint import GgufCheckpoint
@@ -427,6 +427,7 @@ def _one_block(skeleton, blocks, i, n, layout, groups, calls, store, plan, opts,
     nbytes = write_shard(part.path / name, tensor_entries(state))
     del state
     release(block)
+    return_free_memory()
     timings["write"] += time.perf_counter() - t
     monitor("block released", skeleton, resident_parameters(skeleton))
     t = time.perf_counter()
