@@ -62,7 +62,8 @@ def table(model, runs):
 BASELINES = ("svd", "svd-llm", "rom-uncentred")  # issue 4's item 1: weight SVD, SVD-LLM (W), the paper's ROM
 
 
-OURS = ("rom", "rom-correct", "rom-sparse", "rom-sparse50", "rom-sparse-lean")  # llmrom's configurations: the default and its options
+# llmrom's configurations: the default and its options
+OURS = ("rom", "rom-correct", "rom-sparse", "rom-sparse50", "rom-sparse-lean", "rom-welore", "rom-global", "rom-loss")
 
 
 def target_table(by_model):

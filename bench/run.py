@@ -51,6 +51,7 @@ VARIANTS = {  # name: CompressConfig fields that differ from the defaults
     "rom-sparse-lean": {"sparse": 0.25, "sparse_modules": "lean"},  # not on down_proj: its memory stays as rom's
     "rom-welore": {"policy": "welore"},  # ROM with WeLore's spectrum-based ranks over all blocks
     "rom-global": {"policy": "global"},  # ROM with data-aware ranks over all blocks
+    "rom-loss": {"policy": "loss"},  # ROM with a module budget per block from measured loss increases
 }
 
 

@@ -115,3 +115,72 @@ def test_policy_needs_a_bare_budget():
         CompressConfig(budget=0.8, policy="global", last_blocks=2)
     with pytest.raises(LlmromError, match="unknown --policy"):
         CompressConfig(budget=0.8, policy="magic")
+
+
+def test_knapsack_finds_the_cheapest_choice_that_removes_enough():
+    import itertools
+
+    from llmrom.autoplan import knapsack
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        units = 40
+        options = [[(0, 0.0, (i, "dense"))] + [(int(torch.randint(0, 25, (1,), generator=g)),
+                                                float(torch.rand(1, generator=g)), (i, j)) for j in range(3)]
+                   for i in range(4)]
+        need = units  # one unit per parameter here, so the rounding down inside cannot matter
+        picks = knapsack(options, need, units=units)
+        feasible = [c for c in itertools.product(*options) if sum(o[0] for o in c) >= need]
+        if not feasible:
+            assert picks is None
+            continue
+        by_label = {o[2]: o for opts in options for o in opts}
+        assert sum(by_label[p][0] for p in picks) >= need
+        assert sum(by_label[p][1] for p in picks) == pytest.approx(min(sum(o[1] for o in c) for c in feasible))
+
+
+def test_projection_proxy_scores_a_plan_and_puts_the_dense_weights_back():
+    from llmrom.api import loop_options
+    from llmrom.arch import layout_for
+    from llmrom.autoplan import ProjectionProxy
+    from llmrom.perplexity import mean_nll
+
+    model = tiny_model("llama")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    name = "model.layers.1.mlp.down_proj"
+    proxy = ProjectionProxy(model, layout_for(model), {name: 4}, calib_tokens(), loop_options(CompressConfig(budget=0.9),
+                                                                                               progress=False))
+    with torch.no_grad():
+        loss = proxy.loss({name: 3}, calib_tokens(seed=1))
+        assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+        w = model.get_submodule(name).weight
+        v = proxy.eig[name][:, :3]
+        assert proxy.eig[name].shape == (w.shape[0], 4)  # truncated at the largest rank asked for
+        w.data = v @ (v.T @ w)
+        assert loss == pytest.approx(mean_nll(model, calib_tokens(seed=1)), rel=1e-6)
+
+
+@pytest.mark.parametrize("with_last_n", [True, False], ids=["against-last-N", "per-block-only"])
+def test_loss_policy_meets_the_budget_with_one_module_budget_per_block(monkeypatch, with_last_n):
+    from llmrom import autoplan
+    if not with_last_n:  # nothing to compare with: the per-block plan itself must come out
+        monkeypatch.setattr(autoplan, "feasible_last_n", lambda *a: [])
+    dense = tiny_model("qwen2")
+    total = sum(p.numel() for p in dense.parameters())
+    cfg = CompressConfig(budget=0.8, policy="loss", nsamples=12, seqlen=16)
+    model, report = llmrom.compress(copy.deepcopy(dense), TinyTokenizer(), cfg, tokens=calib_tokens(n=40),
+                                    progress=False)
+    plan = report["plan"]
+    assert report["totals"]["parameters_after"] <= 0.8 * total
+    assert plan["policy"] == "loss" and len(plan["block_increase"]) == 3 * len(dense.model.layers)
+    per_block = plan["per_block_plan"]
+    best_last = min((c["proxy_calib_loss"] for c in plan["last_n_candidates"]), default=float("inf"))
+    if plan["kept"] == "per-block":
+        assert per_block["proxy_calib_loss"] <= best_last
+        shapes = {m["name"]: m for m in report["modules"]}
+        for name, m in shapes.items():
+            b = per_block["per_block"][int(name.split(".")[2])]
+            shape = LinearShape(name, 0, m["d_in"], m["d_out"])
+            want = shape.paper_rank(b) if b < 1 and shape.worthwhile(shape.paper_rank(b)) else None
+            assert m["rank"] == want, name
+    else:
+        assert with_last_n and best_last < per_block["proxy_calib_loss"]

@@ -1,10 +1,21 @@
-"""Choose the paper's (last N blocks, module budget b) for a whole-model budget automatically.
+"""Plans chosen by measured calibration loss: the paper's last N (automatic) and per-block budgets.
 
-The paper picked N by hand. Every feasible N has one b that meets the budget; we score a handful of
-them by a cheap proxy: profile the dense model once on a few calibration windows (input moments of
-every linear), project each candidate's linears onto their top output eigenvectors (the
+Both score plans by one cheap proxy: profile the dense model once on a few calibration windows
+(input moments of every linear), project a plan's linears onto their top output eigenvectors (the
 non-sequential ROM, a weight edit, no re-calibration), and measure the calibration loss on other
-calibration windows. The candidate with the lowest loss wins; the table goes into the report.
+calibration windows.
+
+* `choose_last_n`: the paper picked N by hand. Every feasible N has one module budget b that meets
+  the whole-model budget; a handful of them are scored and the lowest loss wins.
+* `choose_block_budgets` (policy `loss`): every block gets its own module budget from a grid (or
+  stays dense). Each block is projected alone at each grid budget and the loss increase over the
+  dense model is measured; the per-block choices that minimise the summed increase under the
+  whole-model budget are solved exactly (a multiple-choice knapsack, dynamic programming over the
+  parameters removed). The paper's last-N plans are scored by the same proxy and one of them is
+  kept instead when it scores lower, so the policy never loses to last-N on its own criterion.
+
+The eigenvectors are kept only up to the largest rank any plan asks for, and the dense weights are
+swapped back rather than copied, so the proxy costs about one set of truncated eigenbases.
 """
 
 import logging
@@ -12,16 +23,19 @@ import math
 import time
 
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
 from .arch import weight_matrix
-from .errors import NonFiniteError
+from .errors import LlmromError, NonFiniteError
 from .methods import output_eigh
 from .perplexity import mean_nll
 from .pipeline import profile_blocks
-from .ranks import last_blocks_plan
+from .ranks import feasible_last_n, kept_params, last_blocks_plan
 
 log = logging.getLogger(__name__)
+
+GRID = (0.25, 0.5, 0.75)  # module budgets a block may get under policy `loss` (besides staying dense)
 
 
 def thin(candidates, k):
@@ -32,41 +46,128 @@ def thin(candidates, k):
     return [candidates[i] for i in idx]
 
 
+class ProjectionProxy:
+    """The dense model with a plan's linears projected onto their top output eigenvectors, scored by loss."""
+
+    def __init__(self, model, layout, max_ranks, tokens, opts):
+        self.model, self.eig, self.dense = model, {}, {}
+        for _, moments in profile_blocks(model, layout, tokens, opts):  # one block's moments at a time
+            for name in (n for n in moments if n in max_ranks):
+                module = model.get_submodule(name)
+                w = weight_matrix(module).detach()
+                vecs = output_eigh(w.to(torch.float64), moments[name].second_moment(), top=max_ranks[name])[1]
+                self.eig[name], self.dense[name] = vecs.to(w.dtype), module.weight.data
+            del moments
+
+    def loss(self, plan, windows):
+        """Mean calibration loss on `windows` with `plan`'s linears projected (inf if the model collapses);
+        the dense weights are back in place afterwards."""
+        try:
+            for name, rank in plan.items():
+                module, v = self.model.get_submodule(name), self.eig[name][:, :rank]
+                projected = v @ (v.T @ weight_matrix(module))
+                module.weight.data = projected if isinstance(module, nn.Linear) else projected.T.contiguous()
+            return mean_nll(self.model, windows)
+        except NonFiniteError:
+            return math.inf
+        finally:
+            for name in plan:
+                self.model.get_submodule(name).weight.data = self.dense[name]
+
+
+def _split(tokens, n_profile, n_eval):
+    profile, held = tokens[:n_profile], tokens[n_profile:n_profile + n_eval]
+    if len(held) == 0:  # too few windows for a disjoint split: score on the profiled windows
+        held = tokens[:n_eval]
+    return profile, held
+
+
 @torch.no_grad()
 def choose_last_n(model, layout, shapes, n_blocks, candidates, tokens, opts, n_profile=32, n_eval=16, k=8):
     """Returns ((last_n, module_budget), info dict with the scored table and the seconds spent)."""
     t0 = time.perf_counter()
     candidates = thin(candidates, k)
-    profile, held = tokens[:n_profile], tokens[n_profile:n_profile + n_eval]
-    if len(held) == 0:  # too few windows for a disjoint split: score on the profiled windows
-        held = tokens[:n_eval]
-    widest = last_blocks_plan(shapes, n_blocks, max(n for n, _ in candidates), 0.5)
-    eig, saved = {}, {}
-    for _, moments in profile_blocks(model, layout, profile, opts):  # one block's moments at a time
-        for name in (n for n in moments if n in widest):
-            w = weight_matrix(model.get_submodule(name))
-            eig[name] = output_eigh(w.detach().to(torch.float64), moments[name].second_moment())[1].to(w.dtype)
-            saved[name] = w.detach().clone()
-        del moments
-    table = []
-    try:
-        for last_n, b in tqdm(candidates, desc="candidates", disable=not opts.progress, leave=False):
-            plan = last_blocks_plan(shapes, n_blocks, last_n, b)
-            for name, rank in plan.items():
-                v = eig[name][:, :rank]
-                weight_matrix(model.get_submodule(name)).copy_(v @ (v.T @ saved[name]))
-            try:
-                loss = mean_nll(model, held)
-            except NonFiniteError:  # this candidate collapses the model: it scores infinitely bad
-                loss = math.inf
-            table.append({"last_blocks": last_n, "module_budget": b, "proxy_calib_loss": loss})
-            for name in plan:
-                weight_matrix(model.get_submodule(name)).copy_(saved[name])
-    finally:
-        for name, w in saved.items():
-            weight_matrix(model.get_submodule(name)).copy_(w)
+    profile, held = _split(tokens, n_profile, n_eval)
+    widest = last_blocks_plan(shapes, n_blocks, max(n for n, _ in candidates), max(b for _, b in candidates))
+    proxy = ProjectionProxy(model, layout, widest, profile, opts)
+    table = [{"last_blocks": last_n, "module_budget": b,
+              "proxy_calib_loss": proxy.loss(last_blocks_plan(shapes, n_blocks, last_n, b), held)}
+             for last_n, b in tqdm(candidates, desc="candidates", disable=not opts.progress, leave=False)]
     best = min(table, key=lambda r: r["proxy_calib_loss"])
     info = {"criterion": "calibration loss of the non-sequential ROM projection", "profile_windows": len(profile),
             "scored_windows": len(held), "candidates": table, "seconds": time.perf_counter() - t0}
     log.info("auto last-N choice: %s", best)
     return (best["last_blocks"], best["module_budget"]), info
+
+
+def _block_plans(shapes, n_blocks, grid):
+    """{block: {module budget: that block's plan}}; linears that would not shrink stay dense."""
+    out = {i: {} for i in range(n_blocks)}
+    for b in grid:
+        for s in shapes:
+            r = s.paper_rank(b)
+            if s.worthwhile(r):
+                out[s.block].setdefault(b, {})[s.name] = r
+    return out
+
+
+def knapsack(options, need, units=2000):
+    """Pick one (removed, cost, label) option per item so that the removed amounts sum to >= `need`
+    at the least total cost; returns the labels, or None if no choice removes enough.
+
+    Removed amounts are rounded down to units of need / units, so the chosen set removes at least `need`."""
+    unit = need / units
+    inf = math.inf
+    best, picks = [0.0] + [inf] * units, [[] for _ in range(units + 1)]
+    for opts in options:
+        new, new_picks = [inf] * (units + 1), [None] * (units + 1)
+        for c, cost in enumerate(best):
+            if cost == inf:
+                continue
+            for removed, extra, label in opts:
+                c2 = min(units, c + int(removed // unit))
+                if cost + extra < new[c2]:
+                    new[c2], new_picks[c2] = cost + extra, picks[c] + [label]
+        best, picks = new, new_picks
+    return picks[units] if best[units] < inf else None
+
+
+@torch.no_grad()
+def choose_block_budgets(model, layout, shapes, total, budget, tokens, opts, grid=GRID, n_profile=32, n_eval=8,
+                         k=8):
+    """Policy `loss`: (plan, info) with a module budget per block from measured loss increases."""
+    t0 = time.perf_counter()
+    n_blocks = len(model.get_submodule(layout.blocks_path))
+    profile, held = _split(tokens, n_profile, n_eval)
+    plans = _block_plans(shapes, n_blocks, grid)
+    candidates = thin(feasible_last_n(budget, total, shapes, n_blocks), k)
+    top = max(grid + tuple(b for _, b in candidates))
+    proxy = ProjectionProxy(model, layout, {s.name: s.paper_rank(top) for s in shapes}, profile, opts)
+    dense_loss = mean_nll(model, held)
+    increase = {}  # (block, module budget) -> proxy loss increase with only that block projected
+    steps = [(i, b) for i in range(n_blocks) for b in plans[i]]
+    for i, b in tqdm(steps, desc="block budgets", disable=not opts.progress, leave=False):
+        increase[i, b] = proxy.loss(plans[i][b], held) - dense_loss
+    options = [[(0, 0.0, (i, 1.0))] + [(total - kept_params(total, shapes, plans[i][b]), increase[i, b], (i, b))
+                                       for b in plans[i]] for i in range(n_blocks)]
+    picks = knapsack(options, total - budget * total)
+    if picks is None:
+        raise LlmromError(f"budget {budget:g} cannot be met with module budgets {list(grid)} on every block; "
+                          "raise --budget or use --policy last-blocks")
+    plan = {name: r for i, b in picks if b < 1 for name, r in plans[i][b].items()}
+    chosen = {"per_block": [b for _, b in picks], "proxy_calib_loss": proxy.loss(plan, held)}
+    last_n = [{"last_blocks": n, "module_budget": b,
+               "proxy_calib_loss": proxy.loss(last_blocks_plan(shapes, n_blocks, n, b), held)}
+              for n, b in tqdm(candidates, desc="last-N check", disable=not opts.progress, leave=False)]
+    best_last = min(last_n, key=lambda r: r["proxy_calib_loss"]) if last_n else None
+    kept = "per-block"
+    if best_last is not None and best_last["proxy_calib_loss"] < chosen["proxy_calib_loss"]:
+        plan, kept = last_blocks_plan(shapes, n_blocks, best_last["last_blocks"], best_last["module_budget"]), "last-N"
+    info = {"policy": "loss", "criterion": "per-block loss increase of the non-sequential ROM projection, "
+                                           "summed and minimised under the budget",
+            "grid": list(grid), "profile_windows": len(profile), "scored_windows": len(held),
+            "dense_proxy_loss": dense_loss, "block_increase": {f"{i}@{b}": v for (i, b), v in increase.items()},
+            "per_block_plan": chosen, "last_n_candidates": last_n, "kept": kept,
+            "seconds": time.perf_counter() - t0}
+    log.info("policy loss: kept the %s plan (%s)", kept, chosen if kept == "per-block" else best_last)
+    return plan, info

@@ -36,8 +36,10 @@ class CompressConfig:
                                            "rank = floor(b * d_in * d_out / (d_in + d_out))")
     ranks_file: str | None = _f(None, "JSON object {module name: rank} giving every rank explicitly")
     policy: str = _f("last-blocks", "how --budget is spread over the linears: last-blocks (the paper's), welore "
-                                    "(ranks from each weight's singular values, flat spectra kept dense) or global "
-                                    "(ranks across all blocks by calibration output energy per parameter)")
+                                    "(ranks from each weight's singular values, flat spectra kept dense), global "
+                                    "(ranks across all blocks by calibration output energy per parameter) or loss "
+                                    "(a module budget per block, from each block's measured calibration-loss "
+                                    "increase)")
     method: str = _f("rom", "factorization: rom (the paper's output PCA), svd (plain weight SVD baseline) or "
                             "whitened_svd (SVD-LLM's activation-whitened SVD baseline)")
     centered: bool = _f(True, "PCA of mean-centred outputs, with the mean of the dropped directions restored in "

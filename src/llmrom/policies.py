@@ -13,6 +13,8 @@ allow). A module whose kept rank would not make it strictly smaller stays dense 
   of the module's output covariance on a profiling pass over the dense model (one block resident at
   a time; only the spectra are kept, so its memory is one block's statistics). Dropping the
   lowest-scored directions first is the greedy allocation by relative output error per parameter.
+* `loss` (data-aware, by calibration loss): one module budget per block from a grid, chosen from each
+  block's measured loss increase (llmrom.autoplan.choose_block_budgets).
 """
 
 import heapq
@@ -116,6 +118,9 @@ def plan_by_policy(policy, model, layout, shapes, total, budget, tokens, opts, c
         scores = global_scores(model, layout, shapes, tokens[:n_profile], opts, centered)
         criterion = (f"output-covariance energy share per parameter on {min(n_profile, len(tokens))} "
                      "dense profiling windows (greedy by relative output error per parameter)")
+    elif policy == "loss":
+        from .autoplan import choose_block_budgets
+        return choose_block_budgets(model, layout, shapes, total, budget, tokens, opts)
     else:
         raise LlmromError(f"unknown rank policy {policy!r}; choose one of {sorted(POLICIES)}")
     plan, tau = threshold_plan(scores, shapes, total, budget)
@@ -129,4 +134,5 @@ POLICIES = {
     "last-blocks": "the paper's: the last N blocks, every linear at one module budget (N chosen automatically)",
     "welore": "WeLore: non-uniform ranks from each weight's singular-value spectrum; flat spectra stay dense",
     "global": "data-aware: ranks across all blocks by calibration output energy per parameter",
+    "loss": "data-aware: a module budget per block, minimising the summed measured calibration-loss increase",
 }
