@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import llmrom
+from llmrom.arch import weight_matrix
 from llmrom.config import CompressConfig
 from llmrom.errors import LlmromError
 from llmrom.policies import threshold_plan
@@ -138,25 +139,33 @@ def test_knapsack_finds_the_cheapest_choice_that_removes_enough():
         assert sum(by_label[p][1] for p in picks) == pytest.approx(min(sum(o[1] for o in c) for c in feasible))
 
 
-def test_projection_proxy_scores_a_plan_and_puts_the_dense_weights_back():
+@pytest.mark.parametrize("family", ["llama", "gemma3", "gpt2"])
+def test_projection_proxy_scores_a_plan_and_puts_the_dense_weights_back(family):
+    """Scores equal the full model's loss with the projected weights, whether they run from a cached block
+    input (every family whose forward accepts it unchanged) or from the tokens (GPT-2 adds positions)."""
     from llmrom.api import loop_options
     from llmrom.arch import layout_for
     from llmrom.autoplan import ProjectionProxy
     from llmrom.perplexity import mean_nll
 
-    model = tiny_model("llama")
+    model = tiny_model(family)
+    layout = layout_for(model)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    name = "model.layers.1.mlp.down_proj"
-    proxy = ProjectionProxy(model, layout_for(model), {name: 4}, calib_tokens(), loop_options(CompressConfig(budget=0.9),
-                                                                                               progress=False))
+    name = f"{layout.blocks_path}.1.{layout.groups[-1][0]}"  # the MLP's output linear of block 1
+    held = calib_tokens(seed=1)
     with torch.no_grad():
-        loss = proxy.loss({name: 3}, calib_tokens(seed=1))
+        proxy = ProjectionProxy(model, layout, {name: 4}, calib_tokens(), held,
+                                loop_options(CompressConfig(budget=0.9), progress=False))
+        assert (proxy.inputs is None) == (family == "gpt2")
+        loss = proxy.loss({name: 3})
         assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
-        w = model.get_submodule(name).weight
+        module = model.get_submodule(name)
+        assert proxy.eig[name].shape == (weight_matrix(module).shape[0], 4)  # truncated at the largest rank asked
         v = proxy.eig[name][:, :3]
-        assert proxy.eig[name].shape == (w.shape[0], 4)  # truncated at the largest rank asked for
-        w.data = v @ (v.T @ w)
-        assert loss == pytest.approx(mean_nll(model, calib_tokens(seed=1)), rel=1e-6)
+        projected = v @ (v.T @ weight_matrix(module))
+        module.weight.data = projected if family != "gpt2" else projected.T.contiguous()
+        assert loss == pytest.approx(mean_nll(model, held), rel=1e-5)
+        assert loss != pytest.approx(proxy.dense_loss, rel=1e-6)
 
 
 @pytest.mark.parametrize("with_last_n", [True, False], ids=["against-last-N", "per-block-only"])

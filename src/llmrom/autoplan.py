@@ -47,27 +47,78 @@ def thin(candidates, k):
 
 
 class ProjectionProxy:
-    """The dense model with a plan's linears projected onto their top output eigenvectors, scored by loss."""
+    """The dense model with a plan's linears projected onto their top output eigenvectors, scored by the
+    calibration loss on `held` windows.
 
-    def __init__(self, model, layout, max_ranks, tokens, opts):
-        self.model, self.eig, self.dense = model, {}, {}
-        for _, moments in profile_blocks(model, layout, tokens, opts):  # one block's moments at a time
+    The dense inputs of every block on `held` are kept, so a plan that leaves the first i blocks dense
+    is scored by running the model from block i (the blocks before it are cut off the block list and
+    block i's input is fed as `inputs_embeds`). Construction checks that this gives the full forward's
+    loss; where it does not (GPT-2 adds position embeddings to `inputs_embeds`), every score runs the
+    full forward."""
+
+    def __init__(self, model, layout, max_ranks, profile, held, opts):
+        self.model, self.layout, self.held, self.eig, self.dense = model, layout, held, {}, {}
+        for _, moments in profile_blocks(model, layout, profile, opts):  # one block's moments at a time
             for name in (n for n in moments if n in max_ranks):
                 module = model.get_submodule(name)
                 w = weight_matrix(module).detach()
                 vecs = output_eigh(w.to(torch.float64), moments[name].second_moment(), top=max_ranks[name])[1]
                 self.eig[name], self.dense[name] = vecs.to(w.dtype), module.weight.data
             del moments
+        self.blocks = model.get_submodule(layout.blocks_path)
+        self.dense_loss = mean_nll(model, held)
+        self.inputs = self._block_inputs()
+        if self.inputs is not None:  # from a middle block, the dense model must give the full forward's loss
+            if not math.isclose(self._loss_from(len(self.blocks) // 2), self.dense_loss, rel_tol=1e-5):
+                log.info("the loss from cached block inputs differs from the full forward: scoring with full forwards")
+                self.inputs = None
 
-    def loss(self, plan, windows):
-        """Mean calibration loss on `windows` with `plan`'s linears projected (inf if the model collapses);
-        the dense weights are back in place afterwards."""
+    def _block_inputs(self):
+        """[input of block i on `held`] from one dense forward, or None if the model does not return them."""
+        out, device = [], next(self.model.parameters()).device
+        for start in range(0, len(self.held), 8):
+            ids = self.held[start:start + 8].to(device)
+            hs = self.model(input_ids=ids, use_cache=False, output_hidden_states=True)
+            hs = getattr(hs, "hidden_states", None)
+            if hs is None or len(hs) < len(self.blocks):
+                return None
+            out.append(hs[:len(self.blocks)])
+        return [torch.cat([o[i] for o in out]) for i in range(len(self.blocks))]
+
+    def _loss_from(self, first):
+        """The loss with blocks [first:] only, fed block `first`'s dense input. Per-layer config lists
+        (Gemma's layer_types, indexed by position in the loop) are cut the same way meanwhile."""
+        parent_path, _, attr = self.layout.blocks_path.rpartition(".")
+        parent = self.model.get_submodule(parent_path) if parent_path else self.model
+        config, n = self.model.config, len(self.blocks)
+        per_layer = {k: v for k, v in vars(config).items() if isinstance(v, (list, tuple)) and len(v) == n}
+        setattr(parent, attr, nn.ModuleList(list(self.blocks)[first:]))
+        for k, v in per_layer.items():
+            setattr(config, k, v[first:])
+        try:
+            return mean_nll(self.model, self.held, inputs_embeds=self.inputs[first])
+        finally:
+            setattr(parent, attr, self.blocks)
+            for k, v in per_layer.items():
+                setattr(config, k, v)
+
+    def _first_block(self, plan):
+        prefix = self.layout.blocks_path + "."
+        return min(int(name[len(prefix):].split(".", 1)[0]) for name in plan)
+
+    def loss(self, plan):
+        """Mean calibration loss on the held windows with `plan`'s linears projected (inf if the model
+        collapses); the dense weights are back in place afterwards."""
+        if not plan:
+            return self.dense_loss
         try:
             for name, rank in plan.items():
                 module, v = self.model.get_submodule(name), self.eig[name][:, :rank]
                 projected = v @ (v.T @ weight_matrix(module))
                 module.weight.data = projected if isinstance(module, nn.Linear) else projected.T.contiguous()
-            return mean_nll(self.model, windows)
+            if self.inputs is None:
+                return mean_nll(self.model, self.held)
+            return self._loss_from(self._first_block(plan))
         except NonFiniteError:
             return math.inf
         finally:
@@ -89,13 +140,14 @@ def choose_last_n(model, layout, shapes, n_blocks, candidates, tokens, opts, n_p
     candidates = thin(candidates, k)
     profile, held = _split(tokens, n_profile, n_eval)
     widest = last_blocks_plan(shapes, n_blocks, max(n for n, _ in candidates), max(b for _, b in candidates))
-    proxy = ProjectionProxy(model, layout, widest, profile, opts)
+    proxy = ProjectionProxy(model, layout, widest, profile, held, opts)
     table = [{"last_blocks": last_n, "module_budget": b,
-              "proxy_calib_loss": proxy.loss(last_blocks_plan(shapes, n_blocks, last_n, b), held)}
+              "proxy_calib_loss": proxy.loss(last_blocks_plan(shapes, n_blocks, last_n, b))}
              for last_n, b in tqdm(candidates, desc="candidates", disable=not opts.progress, leave=False)]
     best = min(table, key=lambda r: r["proxy_calib_loss"])
     info = {"criterion": "calibration loss of the non-sequential ROM projection", "profile_windows": len(profile),
-            "scored_windows": len(held), "candidates": table, "seconds": time.perf_counter() - t0}
+            "scored_windows": len(held), "candidates": table, "from_cached_block_inputs": proxy.inputs is not None,
+            "seconds": time.perf_counter() - t0}
     log.info("auto last-N choice: %s", best)
     return (best["last_blocks"], best["module_budget"]), info
 
@@ -142,12 +194,12 @@ def choose_block_budgets(model, layout, shapes, total, budget, tokens, opts, gri
     plans = _block_plans(shapes, n_blocks, grid)
     candidates = thin(feasible_last_n(budget, total, shapes, n_blocks), k)
     top = max(grid + tuple(b for _, b in candidates))
-    proxy = ProjectionProxy(model, layout, {s.name: s.paper_rank(top) for s in shapes}, profile, opts)
-    dense_loss = mean_nll(model, held)
+    proxy = ProjectionProxy(model, layout, {s.name: s.paper_rank(top) for s in shapes}, profile, held, opts)
+    dense_loss = proxy.dense_loss
     increase = {}  # (block, module budget) -> proxy loss increase with only that block projected
     steps = [(i, b) for i in range(n_blocks) for b in plans[i]]
     for i, b in tqdm(steps, desc="block budgets", disable=not opts.progress, leave=False):
-        increase[i, b] = proxy.loss(plans[i][b], held) - dense_loss
+        increase[i, b] = proxy.loss(plans[i][b]) - dense_loss
     options = [[(0, 0.0, (i, 1.0))] + [(total - kept_params(total, shapes, plans[i][b]), increase[i, b], (i, b))
                                        for b in plans[i]] for i in range(n_blocks)]
     picks = knapsack(options, total - budget * total)
@@ -155,9 +207,9 @@ def choose_block_budgets(model, layout, shapes, total, budget, tokens, opts, gri
         raise LlmromError(f"budget {budget:g} cannot be met with module budgets {list(grid)} on every block; "
                           "raise --budget or use --policy last-blocks")
     plan = {name: r for i, b in picks if b < 1 for name, r in plans[i][b].items()}
-    chosen = {"per_block": [b for _, b in picks], "proxy_calib_loss": proxy.loss(plan, held)}
+    chosen = {"per_block": [b for _, b in picks], "proxy_calib_loss": proxy.loss(plan)}
     last_n = [{"last_blocks": n, "module_budget": b,
-               "proxy_calib_loss": proxy.loss(last_blocks_plan(shapes, n_blocks, n, b), held)}
+               "proxy_calib_loss": proxy.loss(last_blocks_plan(shapes, n_blocks, n, b))}
               for n, b in tqdm(candidates, desc="last-N check", disable=not opts.progress, leave=False)]
     best_last = min(last_n, key=lambda r: r["proxy_calib_loss"]) if last_n else None
     kept = "per-block"
@@ -168,6 +220,7 @@ def choose_block_budgets(model, layout, shapes, total, budget, tokens, opts, gri
             "grid": list(grid), "profile_windows": len(profile), "scored_windows": len(held),
             "dense_proxy_loss": dense_loss, "block_increase": {f"{i}@{b}": v for (i, b), v in increase.items()},
             "per_block_plan": chosen, "last_n_candidates": last_n, "kept": kept,
+            "from_cached_block_inputs": proxy.inputs is not None,
             "seconds": time.perf_counter() - t0}
     log.info("policy loss: kept the %s plan (%s)", kept, chosen if kept == "per-block" else best_last)
     return plan, info
