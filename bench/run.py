@@ -52,6 +52,7 @@ VARIANTS = {  # name: CompressConfig fields that differ from the defaults
     "rom-welore": {"policy": "welore"},  # ROM with WeLore's spectrum-based ranks over all blocks
     "rom-global": {"policy": "global"},  # ROM with data-aware ranks over all blocks
     "rom-loss": {"policy": "loss"},  # ROM with a module budget per block from measured loss increases
+    "rom-loss-nonseq": {"policy": "loss", "sequential": False},  # the same plan, calibrated on dense activations
 }
 
 

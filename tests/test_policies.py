@@ -139,10 +139,15 @@ def test_knapsack_finds_the_cheapest_choice_that_removes_enough():
         assert sum(by_label[p][1] for p in picks) == pytest.approx(min(sum(o[1] for o in c) for c in feasible))
 
 
+@pytest.mark.parametrize("centered", [False, True], ids=["uncentred", "centred"])
 @pytest.mark.parametrize("family", ["llama", "gemma3", "gpt2"])
-def test_projection_proxy_scores_a_plan_and_puts_the_dense_weights_back(family):
-    """Scores equal the full model's loss with the projected weights, whether they run from a cached block
-    input (every family whose forward accepts it unchanged) or from the tokens (GPT-2 adds positions)."""
+def test_projection_proxy_scores_what_non_sequential_rom_gives(family, centered, tmp_path):
+    """A plan's proxy score is the loss of the model compressed by non-sequential ROM with those ranks
+    (centred: with the mean of the dropped directions in a bias), whether it runs from a cached block
+    input (every family whose forward accepts it unchanged) or from the tokens (GPT-2 adds positions);
+    and the dense weights are back in place afterwards."""
+    import json
+
     from llmrom.api import loop_options
     from llmrom.arch import layout_for
     from llmrom.autoplan import ProjectionProxy
@@ -152,20 +157,21 @@ def test_projection_proxy_scores_a_plan_and_puts_the_dense_weights_back(family):
     layout = layout_for(model)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     name = f"{layout.blocks_path}.1.{layout.groups[-1][0]}"  # the MLP's output linear of block 1
-    held = calib_tokens(seed=1)
+    profile, held = calib_tokens(), calib_tokens(seed=1)
     with torch.no_grad():
-        proxy = ProjectionProxy(model, layout, {name: 4}, calib_tokens(), held,
-                                loop_options(CompressConfig(budget=0.9), progress=False))
+        proxy = ProjectionProxy(model, layout, {name: 4}, profile, held,
+                                loop_options(CompressConfig(budget=0.9), progress=False), centered)
         assert (proxy.inputs is None) == (family == "gpt2")
+        assert proxy.eig[name].shape[1] == 4  # truncated at the largest rank asked for
         loss = proxy.loss({name: 3})
+        assert set(model.state_dict()) == set(before)
         assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
-        module = model.get_submodule(name)
-        assert proxy.eig[name].shape == (weight_matrix(module).shape[0], 4)  # truncated at the largest rank asked
-        v = proxy.eig[name][:, :3]
-        projected = v @ (v.T @ weight_matrix(module))
-        module.weight.data = projected if family != "gpt2" else projected.T.contiguous()
-        assert loss == pytest.approx(mean_nll(model, held), rel=1e-5)
         assert loss != pytest.approx(proxy.dense_loss, rel=1e-6)
+    (tmp_path / "ranks.json").write_text(json.dumps({name: 3}))
+    cfg = CompressConfig(ranks_file=str(tmp_path / "ranks.json"), sequential=False, centered=centered,
+                         nsamples=len(profile), seqlen=profile.shape[1])
+    compressed, _ = llmrom.compress(model, TinyTokenizer(), cfg, tokens=profile, progress=False)
+    assert loss == pytest.approx(mean_nll(compressed, held), rel=1e-5)
 
 
 @pytest.mark.parametrize("with_last_n", [True, False], ids=["against-last-N", "per-block-only"])

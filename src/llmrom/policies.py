@@ -120,7 +120,7 @@ def plan_by_policy(policy, model, layout, shapes, total, budget, tokens, opts, c
                      "dense profiling windows (greedy by relative output error per parameter)")
     elif policy == "loss":
         from .autoplan import choose_block_budgets
-        return choose_block_budgets(model, layout, shapes, total, budget, tokens, opts)
+        return choose_block_budgets(model, layout, shapes, total, budget, tokens, opts, centered)
     else:
         raise LlmromError(f"unknown rank policy {policy!r}; choose one of {sorted(POLICIES)}")
     plan, tau = threshold_plan(scores, shapes, total, budget)
