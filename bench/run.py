@@ -28,11 +28,14 @@ from pathlib import Path
 import torch
 
 import llmrom
-from llmrom.arch import find_blocks
+from llmrom.api import linear_shapes
+from llmrom.arch import find_blocks, layout_for
 from llmrom.config import CompressConfig
-from llmrom.cost import peak_rss_bytes, reset_peak_rss
+from llmrom.cost import count_params, peak_rss_bytes, reset_peak_rss
+from llmrom.errors import LlmromError
 from llmrom.evaluate import environment, evaluate
 from llmrom.io import write_json_atomic
+from llmrom.ranks import check_budget
 from llmrom.textdata import calibration_windows, load_text
 
 RESULTS = Path(__file__).parent / "results"
@@ -141,6 +144,11 @@ def run_model(model_name, args, out):
     print(f"{name}: dense perplexity {dense_ppl:.3f}", flush=True)
     for budget in [float(b) for b in args.budgets.split(",")]:
         last_n = args.last_blocks
+        try:
+            check_budget(budget, count_params(dense), linear_shapes(dense, layout_for(dense), True))
+        except LlmromError as e:  # e.g. Gemma-3-270M at 0.5: its embeddings alone are 63% of the model
+            print(f"{name} budget {budget:g}: skipped, {e}", flush=True)
+            continue
         for variant in args.variants.split(","):
             path = out / f"{name}_{budget:g}_{variant}.json"
             if path.exists() and not args.force:

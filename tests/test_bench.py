@@ -16,14 +16,15 @@ def bench_module(name):
     return mod
 
 
-def test_benchmark_smoke(tiny_folder, tmp_path):
+def test_benchmark_smoke(tiny_folder, tmp_path, capsys):
     held = tmp_path / "held.txt"
     held.write_text("Held-out evaluation text, different from the calibration text. " * 300)
     runs = tmp_path / "runs"
-    argv = ["--models", str(tiny_folder), "--budgets", "0.9,0.8", "--variants", "rom,svd,svd-llm", "--nsamples", "8",
+    argv = ["--models", str(tiny_folder), "--budgets", "0.9,0.8,0.05", "--variants", "rom,svd,svd-llm", "--nsamples", "8",
             "--seqlen", "32", "--batch-size", "4", "--eval", str(held), "--eval-seqlen", "64", "--eval-windows", "3",
             "--fidelity-windows", "2", "--speed-rounds", "1", "--out", str(runs)]
     bench_module("run").main(argv)
+    assert "budget 0.05: skipped, budget 0.05 cannot be reached" in capsys.readouterr().out  # and no file for it
     name = tiny_folder.name
     files = sorted(p.name for p in runs.glob("*.json"))
     assert files == sorted([f"{name}_dense.json"] + [f"{name}_{b}_{v}.json" for b in ("0.9", "0.8")
