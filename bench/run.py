@@ -142,10 +142,11 @@ def run_model(model_name, args, out):
         write_json_atomic(dense_file, dense_res)
     dense_ppl = dense_res["eval"]["perplexity"]["model"]
     print(f"{name}: dense perplexity {dense_ppl:.3f}", flush=True)
+    total, shapes = count_params(dense), linear_shapes(dense, layout_for(dense), True)
     for budget in [float(b) for b in args.budgets.split(",")]:
         last_n = args.last_blocks
         try:
-            check_budget(budget, count_params(dense), linear_shapes(dense, layout_for(dense), True))
+            check_budget(budget, total, shapes)
         except LlmromError as e:  # e.g. Gemma-3-270M at 0.5: its embeddings alone are 63% of the model
             print(f"{name} budget {budget:g}: skipped, {e}", flush=True)
             continue

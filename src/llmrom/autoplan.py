@@ -146,6 +146,13 @@ def _split(tokens, n_profile, n_eval):
     return profile, held
 
 
+def _score_last_n(proxy, shapes, n_blocks, candidates, progress):
+    """The proxy loss of each (last N, module budget) candidate of the paper's policy."""
+    return [{"last_blocks": last_n, "module_budget": b,
+             "proxy_calib_loss": proxy.loss(last_blocks_plan(shapes, n_blocks, last_n, b))}
+            for last_n, b in tqdm(candidates, desc="last-N candidates", disable=not progress, leave=False)]
+
+
 @torch.no_grad()
 def choose_last_n(model, layout, shapes, n_blocks, candidates, tokens, opts, n_profile=32, n_eval=16, k=8):
     """Returns ((last_n, module_budget), info dict with the scored table and the seconds spent)."""
@@ -154,9 +161,7 @@ def choose_last_n(model, layout, shapes, n_blocks, candidates, tokens, opts, n_p
     profile, held = _split(tokens, n_profile, n_eval)
     widest = last_blocks_plan(shapes, n_blocks, max(n for n, _ in candidates), max(b for _, b in candidates))
     proxy = ProjectionProxy(model, layout, widest, profile, held, opts)
-    table = [{"last_blocks": last_n, "module_budget": b,
-              "proxy_calib_loss": proxy.loss(last_blocks_plan(shapes, n_blocks, last_n, b))}
-             for last_n, b in tqdm(candidates, desc="candidates", disable=not opts.progress, leave=False)]
+    table = _score_last_n(proxy, shapes, n_blocks, candidates, opts.progress)
     best = min(table, key=lambda r: r["proxy_calib_loss"])
     info = {"criterion": "calibration loss of the non-sequential ROM projection", "profile_windows": len(profile),
             "scored_windows": len(held), "candidates": table, "from_cached_block_inputs": proxy.inputs is not None,
@@ -222,9 +227,7 @@ def choose_block_budgets(model, layout, shapes, total, budget, tokens, opts, cen
                           "raise --budget or use --policy last-blocks")
     plan = {name: r for i, b in picks if b < 1 for name, r in plans[i][b].items()}
     chosen = {"per_block": [b for _, b in picks], "proxy_calib_loss": proxy.loss(plan)}
-    last_n = [{"last_blocks": n, "module_budget": b,
-               "proxy_calib_loss": proxy.loss(last_blocks_plan(shapes, n_blocks, n, b))}
-              for n, b in tqdm(candidates, desc="last-N check", disable=not opts.progress, leave=False)]
+    last_n = _score_last_n(proxy, shapes, n_blocks, candidates, opts.progress)
     best_last = min(last_n, key=lambda r: r["proxy_calib_loss"]) if last_n else None
     kept = "per-block"
     if best_last is not None and best_last["proxy_calib_loss"] < chosen["proxy_calib_loss"]:
