@@ -36,6 +36,22 @@ def _order(r):
     return (-r["budget"], r["variant"] != "rom", r["variant"])
 
 
+def gpu_mark(run):
+    """' (GPU)' after the timing of a row compressed with --device cuda (its perplexity compares; its time not)."""
+    return "" if run.get("config", {}).get("device", "cpu") == "cpu" else " (GPU)"
+
+
+def mixed_calibration(by_model):
+    """Warnings for models whose rows were calibrated on different token ids (text, tokenizer or windows)."""
+    out = []
+    for model, runs in sorted(by_model.items()):
+        seen = {r["calibration_tokens_sha256"][:12] for r in runs if "calibration_tokens_sha256" in r}
+        if len(seen) > 1:
+            out.append(f"WARNING: the rows of {model} were calibrated on different token ids "
+                       f"({', '.join(sorted(seen))}); their perplexities do not compare.")
+    return out
+
+
 def table(model, runs):
     dense = next((r for r in runs if r["variant"] == "dense"), None)
     lines = [f"#### {model}", "",
@@ -54,7 +70,7 @@ def table(model, runs):
                  f"{plan['policy']}: {plan.get('modules_factorized')} factorized")
         lines.append(f"| {r['budget']:g} | {r['variant']} | {where} "
                      f"| {t['kept_fraction']:.4f} | {e['perplexity']['model']:.3f} | {e['fidelity']['kl_mean']:.3f} "
-                     f"| {e['fidelity']['top1_agreement']:.3f} | {px} | {dx} | {r['compress_seconds']:.0f} "
+                     f"| {e['fidelity']['top1_agreement']:.3f} | {px} | {dx} | {r['compress_seconds']:.0f}{gpu_mark(r)} "
                      f"| {r['peak_rss_bytes_during_compression'] / 2**30:.2f} |")
     return "\n".join(lines)
 
@@ -207,7 +223,8 @@ def plot_explained(model, runs, path):
 
 
 def protocol_text(by_model):
-    any_run = next(r for runs in by_model.values() for r in runs)
+    cpu_runs = [r for runs in by_model.values() for r in runs if not gpu_mark(r)]
+    any_run = cpu_runs[0]
     p, env = any_run["protocol"], any_run["environment"]
     return (f"Protocol: calibration {p['calibration']}; evaluation {p['evaluation']}, perplexity = exp(mean "
             f"next-token cross-entropy); KL(dense || compressed) and top-1 agreement on the first "
@@ -216,7 +233,10 @@ def protocol_text(by_model):
                f"({p['speed_rounds']} rounds). " if p["speed_rounds"] else "speed not measured in this run. ")
             + f"Machine: {env['machine']}, "
             f"{env['threads']} threads, torch {env['torch']}, transformers {env['transformers']}, "
-            f"llmrom {env['llmrom']}.")
+            f"llmrom {env['llmrom']}, Python {env.get('python', '?')} (whose built-in pydoc topics are the "
+            "calibration text: another Python release has other text, so rows record the SHA-256 of their "
+            "calibration token ids). Times marked (GPU) were compressed with --device cuda on another machine "
+            "(recorded in the row) and evaluated on its CPU.")
 
 
 def main(argv=None):
@@ -231,7 +251,9 @@ def main(argv=None):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     plot_ppl(by_model, out / "ppl_vs_params.png")
-    parts = [protocol_text(by_model), "", "![perplexity vs kept parameters](bench/results/ppl_vs_params.png)", ""]
+    mixed = mixed_calibration(by_model)
+    parts = [protocol_text(by_model), "", *(mixed + [""] if mixed else []),
+             "![perplexity vs kept parameters](bench/results/ppl_vs_params.png)", ""]
     targets = target_table(by_model)
     if targets:
         parts += ["Target of issue 4: the default closes at least half of the perplexity gap between the best "

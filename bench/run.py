@@ -36,7 +36,7 @@ from llmrom.errors import LlmromError
 from llmrom.evaluate import environment, evaluate
 from llmrom.io import write_json_atomic
 from llmrom.ranks import check_budget
-from llmrom.textdata import calibration_windows, load_text
+from llmrom.textdata import calibration_windows, load_text, tokens_sha256
 
 RESULTS = Path(__file__).parent / "results"
 MODELS = ("smollm2-135m", "gemma3-270m", "qwen2.5-coder-0.5b")
@@ -80,6 +80,8 @@ def parse_args(argv=None):
                          "512 is the paper's setting and llmrom compress's default, at 4x the time)")
     ap.add_argument("--seqlen", type=int, default=128)
     ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--device", default="cpu", help="where blocks are compressed: cpu or cuda[:N] (evaluation "
+                                                     "stays on the CPU, so the numbers compare with CPU rows)")
     ap.add_argument("--eval-seqlen", type=int, default=512)
     ap.add_argument("--eval-windows", type=int, default=40)
     ap.add_argument("--fidelity-windows", type=int, default=8)
@@ -137,6 +139,7 @@ def run_model(model_name, args, out):
         dense_res = json.loads(dense_file.read_text())
     else:
         dense_res = {"model": model_name, "variant": "dense", "budget": 1.0, "protocol": protocol(args),
+                     "calibration_tokens_sha256": tokens_sha256(tokens),
                      "load_seconds": load_seconds, "eval": evaluate(dense, tok, **eval_kwargs(args)),
                      "environment": environment()}
         write_json_atomic(dense_file, dense_res)
@@ -157,7 +160,8 @@ def run_model(model_name, args, out):
                     last_n = last_n or json.loads(path.read_text())["plan"]["last_blocks"]
                 continue
             fields = {"budget": budget, "calib": args.calib, "nsamples": args.nsamples, "seqlen": args.seqlen,
-                      "seed": args.seed, "batch_size": args.batch_size, **VARIANTS[variant]}
+                      "seed": args.seed, "batch_size": args.batch_size, "device": args.device,
+                      **VARIANTS[variant]}
             if fields.get("last_blocks") == "all":
                 fields["last_blocks"] = n_blocks
             elif last_n is not None and same_blocks(variant):
@@ -173,6 +177,7 @@ def run_model(model_name, args, out):
             res = evaluate(model, tok, reference=dense, reference_perplexity=dense_ppl, **eval_kwargs(args))
             row = {"model": model_name, "variant": variant, "budget": budget, "protocol": protocol(args),
                    "config": report["config"], "plan": report["plan"], "totals": report["totals"],
+                   "calibration_tokens_sha256": report["calibration_tokens_sha256"],
                    "compress_seconds": seconds, "peak_rss_bytes_during_compression": rss,
                    "peak_rss_note": "whole process: includes the dense model kept resident for evaluation",
                    "modules": [{k: m.get(k) for k in MODULE_KEYS} for m in report["modules"]],

@@ -5,6 +5,7 @@ Make the checkpoint first (13.5 GB of random bf16 weights; the compression does 
     python scripts/make_llama7b_shaped.py /tmp/llama7b-random
     python bench/stream.py --model /tmp/llama7b-random --max-blocks 2     # short: ~2 blocks, extrapolated
     python bench/stream.py --model /tmp/llama7b-random --work /tmp/w     # full run; the same command resumes it
+    python bench/stream.py --model /tmp/llama7b-random --device cuda     # blocks on a GPU: ..._full_cuda.json
 
 The plan is the paper's policy at --budget (default 0.8) over the last --last-blocks blocks (module
 budget solved to meet the budget). With --max-blocks K the run stops after K blocks, and the plan is
@@ -13,7 +14,8 @@ dense): it measures one dense and one compressed block, and the full run's time 
 capture + (blocks - last_blocks) x dense block + last_blocks x compressed block + writing the
 tensors outside the blocks. Calibration: --nsamples x --seqlen random token ids (512 x 128).
 FLOPs are the matrix products counted by torch.utils.flop_counter (eigh not included), compared with
-a measured fp32 matmul peak. Writes bench/results/stream_<name>_<blocks>.json.
+a measured fp32 matmul peak (on the --device; on a GPU the peak GPU memory is recorded too).
+Writes bench/results/stream_<name>_<blocks>[_cuda].json.
 
 With --work DIR the run lives in DIR and survives the process: a full run (2.5 hours for the 7B shape
 on 2 cores) killed at any point is continued by the same command, through llmrom's own --resume; wall
@@ -43,12 +45,15 @@ from llmrom.ranks import module_budget_for
 from llmrom.stream import Partial, build_skeleton, compress_streaming, discard
 
 
-def matmul_peak(n=4096, reps=5):
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def matmul_peak(n=4096, reps=5, device="cpu"):
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
     a @ b
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+    sync()
     t = time.perf_counter()
     for _ in range(reps):
         a @ b
+    sync()
     return 2 * n**3 * reps / (time.perf_counter() - t) / 1e9
 
 
@@ -73,11 +78,14 @@ def main(argv=None):
                     help="count matrix-product FLOPs with torch.utils.flop_counter")
     ap.add_argument("--work", help="a folder for the run that outlives the process (resumable); default: a temporary "
                                    "folder beside --model, deleted at the end")
+    ap.add_argument("--device", default="cpu", help="where blocks are computed: cpu or cuda[:N] (weights are "
+                                                     "still streamed from disk one block at a time)")
     ap.add_argument("--name", default="llama7b-shaped")
     ap.add_argument("--results", default=str(Path(__file__).parent / "results"))
     args = ap.parse_args(argv)
 
-    peak = matmul_peak()
+    peak = matmul_peak(device=args.device)
+    gpu = torch.device(args.device).type == "cuda"
     skeleton = build_skeleton(Path(args.model), torch.float32)
     layout = layout_for(skeleton)
     n_blocks = len(skeleton.get_submodule(layout.blocks_path))
@@ -90,7 +98,7 @@ def main(argv=None):
     del skeleton
     tokens = torch.randint(0, vocab, (args.nsamples, args.seqlen), generator=torch.Generator().manual_seed(0))
     common = dict(nsamples=args.nsamples, seqlen=args.seqlen, batch_size=args.batch_size,
-                  activations=args.activations, activations_dtype=args.activations_dtype)
+                  activations=args.activations, activations_dtype=args.activations_dtype, device=args.device)
     if args.work:
         work = Path(args.work)
         work.mkdir(parents=True, exist_ok=True)
@@ -153,8 +161,11 @@ def main(argv=None):
         "achieved_gflops_in_compute_steps": round(flops / 1e9 / compute, 1) if flops and compute else None,
         "load_average_at_end": os.getloadavg(),
         "machine": {"cpus": os.cpu_count(), "processor": platform.processor(), "torch": torch.__version__,
-                    "threads": torch.get_num_threads(), "transformers": transformers.__version__},
+                    "threads": torch.get_num_threads(), "transformers": transformers.__version__,
+                    "device": torch.cuda.get_device_name(args.device) if gpu else "cpu"},
     }
+    if gpu:  # this session's peak only: a resumed run's earlier sessions are not included
+        result["peak_gpu_memory_gib"] = round(torch.cuda.max_memory_allocated(args.device) / 2**30, 3)
     if args.max_blocks:
         dense, comp = block_seconds[0], block_seconds[-1]
         outside_bytes = 2 * sum(p.numel() for n, p in build_skeleton(Path(args.model), torch.float32)
@@ -184,7 +195,8 @@ def main(argv=None):
     shutil.rmtree(work)
     results = Path(args.results)
     results.mkdir(parents=True, exist_ok=True)
-    path = results / f"stream_{args.name}_{'max' + str(args.max_blocks) if args.max_blocks else 'full'}.json"
+    size = f"max{args.max_blocks}" if args.max_blocks else "full"
+    path = results / f"stream_{args.name}_{size}{'_' + torch.device(args.device).type if gpu else ''}.json"
     write_json_atomic(path, result)
     print(json.dumps(result, indent=2))
     print(f"written to {path}")

@@ -40,6 +40,11 @@ def test_benchmark_smoke(tiny_folder, tmp_path, capsys):
             assert r["eval"]["fidelity"]["kl_mean"] >= 0 and r["peak_rss_bytes_during_compression"] > 0
             assert r["protocol"]["calibration"].startswith("pydoc: 8 windows x 32")
             assert all(len(m["explained_curve"]) == 14 for m in r["modules"] if m["rank"])
+        # every row of a model is calibrated on the same token ids, and the fingerprint says so
+        assert rom["calibration_tokens_sha256"] == svd["calibration_tokens_sha256"] == svd_llm[
+            "calibration_tokens_sha256"] == json.loads((runs / f"{name}_dense.json").read_text())[
+            "calibration_tokens_sha256"]
+        assert len(rom["eval"]["perplexity"]["windows_sha256"]) == 64
     stamp = {p: p.stat().st_mtime_ns for p in runs.glob("*.json")}
     bench_module("run").main(argv)  # resumes: nothing is re-run
     assert {p: p.stat().st_mtime_ns for p in runs.glob("*.json")} == stamp
@@ -201,3 +206,19 @@ def test_sparse_layers_benchmark_smoke(tiny_folder, tmp_path):
         assert 0 < row["plain"] < 1
         assert row["entries/3"] <= row["entries/1"] + 1e-12  # the best of the rounds is kept; round 1 is one
     assert "| 1 | mlp.down_proj | 64 x 128 |" in (tmp_path / "sparse_layers_llama.md").read_text()
+
+
+def test_report_flags_rows_calibrated_on_other_tokens_and_gpu_timings():
+    report = bench_module("report")
+
+    def run(variant, sha=None, device="cpu"):
+        r = {"variant": variant, "config": {"device": device}}
+        return {**r, "calibration_tokens_sha256": sha} if sha else r
+
+    same = {"a": [run("rom", "1" * 64), run("svd", "1" * 64), run("dense")]}  # old rows have no fingerprint
+    assert report.mixed_calibration(same) == []
+    mixed = {"a": [run("rom", "1" * 64), run("svd", "2" * 64)], "b": [run("rom", "3" * 64)]}
+    assert report.mixed_calibration(mixed) == [
+        "WARNING: the rows of a were calibrated on different token ids (111111111111, 222222222222); "
+        "their perplexities do not compare."]
+    assert report.gpu_mark(run("rom", device="cuda")) == " (GPU)" and report.gpu_mark(run("dense")) == ""

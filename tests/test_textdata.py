@@ -223,3 +223,12 @@ def test_bad_arguments():
         eval_windows(tok, words(50), seqlen=8, max_windows=0)
     with pytest.raises(LlmromError, match="empty"):
         eval_windows(tok, "", seqlen=8, max_windows=None)
+
+
+def test_tokens_sha256_fingerprints_the_ids_not_their_dtype():
+    from llmrom.textdata import tokens_sha256
+    ids = torch.arange(12).reshape(3, 4)
+    assert tokens_sha256(ids) == tokens_sha256(ids.to(torch.int32)) == tokens_sha256(ids.T.contiguous().T)
+    other = ids.clone()
+    other[2, 3] = 99
+    assert tokens_sha256(other) != tokens_sha256(ids) and len(tokens_sha256(ids)) == 64

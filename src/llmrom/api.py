@@ -16,7 +16,7 @@ from .pipeline import LoopOptions, compress_blocks
 from .policies import plan_by_policy
 from .ranks import (LinearShape, check_budget, check_last_blocks, feasible_last_n, kept_params, last_blocks_plan,
                     module_budget_for, read_ranks_file)
-from .textdata import calibration_windows, load_text
+from .textdata import calibration_windows, load_text, tokens_sha256
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +120,7 @@ def build_report(config, plan_info, tokens, before, after, records, wall_seconds
         "config": config.to_dict(),
         "plan": plan_info,
         "calibration_tokens": int(tokens.numel()),
+        "calibration_tokens_sha256": tokens_sha256(tokens),  # compare runs: same text, tokenizer and windows
         "totals": {
             "parameters_before": before["parameters"], "parameters_after": after["parameters"],
             "kept_fraction": after["parameters"] / before["parameters"],

@@ -66,11 +66,13 @@ class ProjectionProxy:
             for name in (n for n in moments if n in max_ranks):
                 module, m = model.get_submodule(name), moments[name]
                 w = weight_matrix(module).detach()
-                stats = m.covariance() if centered else m.second_moment()
-                vecs = output_eigh(w.to(torch.float64), stats, top=max_ranks[name])[1]
-                self.eig[name], self.dense[name] = vecs.to(w.dtype), (module.weight.data, module.bias)
+                stats = m.covariance() if centered else m.second_moment()  # on --device, like the profiling
+                w64 = w.to(device=stats.device, dtype=torch.float64)
+                vecs = output_eigh(w64, stats, top=max_ranks[name])[1]
+                self.eig[name] = vecs.to(device=w.device, dtype=w.dtype)  # scored where the model lives
+                self.dense[name] = (module.weight.data, module.bias)
                 if centered:
-                    self.out_mean[name] = (w.to(torch.float64) @ m.mean()).to(w.dtype)
+                    self.out_mean[name] = (w64 @ m.mean()).to(device=w.device, dtype=w.dtype)
             del moments
         self.blocks = model.get_submodule(layout.blocks_path)
         self.dense_loss = mean_nll(model, held)

@@ -20,7 +20,7 @@ from .cost import count_params, macs_per_token, parameter_bytes
 from .fidelity import fidelity
 from .perplexity import mean_nll
 from .speed import measure_speed
-from .textdata import adds_bos, eval_windows, load_text
+from .textdata import adds_bos, eval_windows, load_text, tokens_sha256
 
 MACS_SEQLEN = 128  # the paper reports MACs per token at sequence length 128
 
@@ -51,7 +51,7 @@ def evaluate(model, tokenizer, *, reference=None, ppl="python-docs:tutorial", se
     if ppl:
         windows = eval_windows(tokenizer, load_text(ppl), seqlen, max_windows)
         p = {"source": ppl, "seqlen": seqlen, "windows": len(windows),
-             "predicted_tokens": len(windows) * (seqlen - 1),
+             "predicted_tokens": len(windows) * (seqlen - 1), "windows_sha256": tokens_sha256(windows),
              "protocol": perplexity_protocol(ppl, seqlen, windows, adds_bos(tokenizer)),
              "model": _ppl(model, windows, progress, "perplexity")}
         if reference is not None:

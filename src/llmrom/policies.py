@@ -101,8 +101,8 @@ def global_scores(model, layout, shapes, tokens, opts, centered):
                 continue
             s = wanted[name]
             stats = m.covariance() if centered else m.second_moment()
-            w = weight_matrix(model.get_submodule(name)).detach().double()
-            vals = output_eigh(w, stats, top=0)[0].clamp_min(0)
+            w = weight_matrix(model.get_submodule(name)).detach().to(device=stats.device, dtype=torch.float64)
+            vals = output_eigh(w, stats, top=0)[0].clamp_min(0).cpu()  # stats live on --device
             scores[name] = vals / (vals.sum().clamp_min(1e-300) * (s.d_in + s.d_out))
         del moments
     return scores

@@ -48,6 +48,7 @@ from .ggufcheckpoint import GgufCheckpoint
 from .io import DTYPES, check_output, factorization_meta, finish_folder, is_llmrom_folder, module_meta
 from .pipeline import ModuleRecord, compress_block, prepare_inputs
 from .shards import INDEX_NAME, shard_name, tensor_entries, write_index, write_shard
+from .textdata import tokens_sha256
 
 log = logging.getLogger(__name__)
 JOURNAL_NAME = "journal.json"
@@ -295,7 +296,7 @@ def _sha256(data):
 def _fingerprint(folder, config, tokens, plan):
     cfg = {k: v for k, v in config.to_dict().items() if k != "activations"}  # where they live changes nothing
     return {"source": str(folder.resolve()), "config": cfg, "llmrom_version": __version__,
-            "tokens_sha256": _sha256(tokens.contiguous().numpy().tobytes()),
+            "tokens_sha256": tokens_sha256(tokens),
             "plan_sha256": _sha256(json.dumps(plan, sort_keys=True).encode())}
 
 

@@ -12,6 +12,7 @@ the whole text is tokenized once (one leading BOS if the tokenizer adds one) and
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -164,6 +165,15 @@ def _check_positive(**values) -> None:
     for name, v in values.items():
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise LlmromError(f"{name} must be a positive integer, got {v!r}; pass e.g. {name}=128")
+
+
+def tokens_sha256(tokens: torch.Tensor) -> str:
+    """SHA-256 of a token-id tensor: one fingerprint of text, tokenizer and window positions together.
+
+    Reports carry it because the same named source is not the same text everywhere: ``pydoc`` is
+    the running Python's own topics, which change between patch releases (3.11.2's and 3.11.7's
+    differ by 1,049 characters, enough to change which blocks a budget compresses)."""
+    return hashlib.sha256(tokens.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()
 
 
 def calibration_windows(tokenizer, text: str, nsamples: int, seqlen: int, seed: int) -> torch.LongTensor:
