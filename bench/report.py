@@ -79,7 +79,7 @@ BASELINES = ("svd", "svd-llm", "rom-uncentred")  # issue 4's item 1: weight SVD,
 
 
 # llmrom's configurations: the default and its options
-OURS = ("rom", "rom-correct", "rom-sparse", "rom-sparse50", "rom-sparse-lean", "rom-welore", "rom-global", "rom-loss",
+OURS = ("rom", "rom-correct", "rom-sparse", "rom-sparse50", "rom-sparse-lean", "rom-welore", "rom-welore-sparse", "rom-global", "rom-loss",
         "rom-loss-nonseq")
 
 
@@ -259,7 +259,7 @@ def main(argv=None):
         parts += ["Target of issue 4: the default closes at least half of the perplexity gap between the best "
                   "baseline (plain weight SVD, SVD-LLM's whitened SVD, the paper's uncentred ROM on the same last N "
                   "blocks) and the dense model, at equal or fewer parameters; for the default and for the best of "
-                  "llmrom's options that ran (--correct, --sparse 0.25 / 0.5, --sparse 0.25 --sparse-modules lean).", "", targets, ""]
+                  f"llmrom's option variants that ran ({', '.join(OURS[1:])}).", "", targets, ""]
     options = options_table(by_model)
     if options:
         parts += ["The default against itself with one option changed (same blocks, same whole-model budget): "

@@ -53,6 +53,7 @@ VARIANTS = {  # name: CompressConfig fields that differ from the defaults
     "rom-sparse50": {"sparse": 0.5},  # half of it
     "rom-sparse-lean": {"sparse": 0.25, "sparse_modules": "lean"},  # not on down_proj: its memory stays as rom's
     "rom-welore": {"policy": "welore"},  # ROM with WeLore's spectrum-based ranks over all blocks
+    "rom-welore-sparse": {"policy": "welore", "sparse": 0.25},  # those ranks plus the sparse residual
     "rom-global": {"policy": "global"},  # ROM with data-aware ranks over all blocks
     "rom-loss": {"policy": "loss"},  # ROM with a module budget per block from measured loss increases
     "rom-loss-nonseq": {"policy": "loss", "sequential": False},  # the same plan, calibrated on dense activations
