@@ -79,8 +79,8 @@ BASELINES = ("svd", "svd-llm", "rom-uncentred")  # issue 4's item 1: weight SVD,
 
 
 # llmrom's configurations: the default and its options
-OURS = ("rom", "rom-correct", "rom-sparse", "rom-sparse50", "rom-sparse-lean", "rom-welore", "rom-welore-sparse", "rom-global", "rom-loss",
-        "rom-loss-nonseq")
+OURS = ("rom", "rom-correct", "rom-sparse", "rom-sparse50", "rom-sparse-lean", "rom-welore", "rom-welore-sparse",
+        "rom-global", "rom-loss", "rom-loss-nonseq")
 
 
 def target_table(by_model):
@@ -223,8 +223,8 @@ def plot_explained(model, runs, path):
 
 
 def protocol_text(by_model):
-    cpu_runs = [r for runs in by_model.values() for r in runs if not gpu_mark(r)]
-    any_run = cpu_runs[0]
+    runs = [r for rs in by_model.values() for r in rs]
+    any_run = next((r for r in runs if not gpu_mark(r)), runs[0])  # a CPU row: the machine of the table
     p, env = any_run["protocol"], any_run["environment"]
     return (f"Protocol: calibration {p['calibration']}; evaluation {p['evaluation']}, perplexity = exp(mean "
             f"next-token cross-entropy); KL(dense || compressed) and top-1 agreement on the first "
