@@ -128,6 +128,16 @@ def eval_kwargs(args):
                 speed_rounds=max(args.speed_rounds, 1), progress=False)
 
 
+def check_same_calibration(row, tokens, path):
+    """Exit if the rows already in the folder were calibrated on other token ids than `tokens`."""
+    recorded, here = row.get("calibration_tokens_sha256"), tokens_sha256(tokens)
+    if recorded is not None and recorded != here:
+        raise SystemExit(f"{path} was calibrated on other token ids (sha256 {recorded[:12]}, here {here[:12]}): the "
+                         "calibration text, tokenizer or windows differ, e.g. another Python's built-in pydoc topics. "
+                         "New rows would not compare with the ones there: write them elsewhere (--out DIR), or "
+                         "calibrate on the same text (--calib FILE).")
+
+
 def run_model(model_name, args, out):
     t0 = time.perf_counter()
     dense, tok = llmrom.load_model(model_name)
@@ -138,6 +148,7 @@ def run_model(model_name, args, out):
     dense_file = out / f"{name}_dense.json"
     if dense_file.exists() and not args.force:
         dense_res = json.loads(dense_file.read_text())
+        check_same_calibration(dense_res, tokens, dense_file)
     else:
         dense_res = {"model": model_name, "variant": "dense", "budget": 1.0, "protocol": protocol(args),
                      "calibration_tokens_sha256": tokens_sha256(tokens),

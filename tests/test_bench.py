@@ -48,6 +48,12 @@ def test_benchmark_smoke(tiny_folder, tmp_path, capsys):
     stamp = {p: p.stat().st_mtime_ns for p in runs.glob("*.json")}
     bench_module("run").main(argv)  # resumes: nothing is re-run
     assert {p: p.stat().st_mtime_ns for p in runs.glob("*.json")} == stamp
+    dense_file = runs / f"{name}_dense.json"
+    good = dense_file.read_text()
+    dense_file.write_text(json.dumps({**json.loads(good), "calibration_tokens_sha256": "0" * 64}))
+    with pytest.raises(SystemExit, match="calibrated on other token ids"):  # never mixes calibrations
+        bench_module("run").main(argv)
+    dense_file.write_text(good)
 
     readme = tmp_path / "README.md"
     report = bench_module("report")
