@@ -196,7 +196,7 @@ def main(argv=None):
     results = Path(args.results)
     results.mkdir(parents=True, exist_ok=True)
     size = f"max{args.max_blocks}" if args.max_blocks else "full"
-    path = results / f"stream_{args.name}_{size}{'_' + torch.device(args.device).type if gpu else ''}.json"
+    path = results / f"stream_{args.name}_{size}{'_cuda' if gpu else ''}.json"
     write_json_atomic(path, result)
     print(json.dumps(result, indent=2))
     print(f"written to {path}")
