@@ -96,6 +96,7 @@ def test_speed_measures_every_model_it_is_given():
     models = {"a": tiny_model("llama"), "b": tiny_model("gemma3")}
     res = measure_speed(models, prefill_tokens=32, prompt_tokens=4, new_tokens=4, rounds=2)
     assert set(res) == {"a", "b"} and all(r["decode_tokens_per_s"] > 0 for r in res.values())
+    assert all(r["protocol"].endswith(f"{torch.get_num_threads()} threads") for r in res.values())
 
 
 def _file(text, name="held.txt"):
@@ -136,6 +137,10 @@ def test_cli_eval_of_a_compressed_folder_against_its_recorded_source(tiny_folder
     (["--windows", "-1"], "--windows must be"),
     (["--ppl", "/no/such/text.txt"], "not found"),
     (["--ppl", "pydoc", "--reference", "/no/such/dense"], "does not exist"),
+    (["--device", "tpu9"], "is not a device"),
+    (["--device", "mps"], "use cpu or cuda"),
+    pytest.param(["--device", "cuda"], "sees no CUDA GPU",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this torch has a GPU")),
 ])
 def test_cli_eval_bad_input_is_one_clear_line(tiny_folder, capsys, argv, message):
     code, _, err = run(capsys, "eval", tiny_folder, "--no-speed", *argv)

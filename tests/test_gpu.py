@@ -90,3 +90,27 @@ def test_cuda_streaming_equals_cuda_in_memory(family, tmp_path):
         assert close(logits(tmp_path / "out", tokens), ref(tokens).logits)
     assert [m["rank"] for m in report["modules"]] == [m["rank"] for m in ref_report["modules"]]
     assert report["totals"]["parameters_after"] == ref_report["totals"]["parameters_after"]
+
+
+def test_cuda_eval_matches_cpu_and_names_the_gpu(tiny_folder, tmp_path, capsys):
+    """`llmrom eval --device cuda`: the same perplexity and fidelity as on the CPU, GPU speed named."""
+    import json
+
+    from test_eval import TEXT
+    from test_cli import run
+
+    held, out = tmp_path / "held.txt", tmp_path / "small"
+    held.write_text(TEXT)
+    assert run(capsys, "compress", tiny_folder, "--budget", "0.85", "--out", out, "--nsamples", "8",
+               "--seqlen", "32", "--calib", "pydoc")[0] == 0
+    res = {}
+    for device in ("cpu", "cuda"):
+        code, _, err = run(capsys, "eval", out, "--ppl", held, "--seqlen", "64", "--windows", "3",
+                           "--fidelity-windows", "2", "--device", device, "--json", tmp_path / f"{device}.json")
+        assert code == 0, err
+        res[device] = json.loads((tmp_path / f"{device}.json").read_text())
+    for who in ("model", "reference"):
+        assert res["cuda"]["perplexity"][who] == pytest.approx(res["cpu"]["perplexity"][who], rel=1e-4)
+    assert res["cuda"]["fidelity"]["kl_mean"] == pytest.approx(res["cpu"]["fidelity"]["kl_mean"], rel=1e-3, abs=1e-6)
+    assert torch.cuda.get_device_name() in res["cuda"]["speed"]["model"]["protocol"]
+    assert res["cpu"]["speed"]["model"]["protocol"].endswith("threads")

@@ -192,11 +192,14 @@ def _add_eval_parser(sub, packaged):
                    help="measure prefill and greedy decoding speed (interleaved with the reference)")
     e.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="dtype to load the models in")
+    e.add_argument("--device", default="cpu", help="where the models run: cpu or cuda[:N] (speed is then the "
+                   "GPU's; the protocol names it)")
     e.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
 
 
 @_without_grad
 def cmd_eval(args):
+    from .config import parse_device
     from .cost import disk_bytes
     from .evaluate import evaluate, format_results
     from .io import REPORT_NAME, is_llmrom_folder, load_model, write_json_atomic
@@ -206,6 +209,7 @@ def cmd_eval(args):
             raise LlmromError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
     if args.windows < 0:
         raise LlmromError(f"--windows must be 0 (all) or a positive integer, got {args.windows}")
+    device = parse_device(args.device)
     folder = Path(args.model).expanduser()
     report = json.loads((folder / REPORT_NAME).read_text()) if (folder / REPORT_NAME).is_file() else {}
     ppl = None if args.ppl.lower() == "none" else args.ppl
@@ -222,11 +226,13 @@ def cmd_eval(args):
         reference = None
     log.info("loading %s", args.model)
     model, tokenizer = load_model(args.model, args.gguf_file, args.dtype)
+    model.to(device)
     ref_model, ref_disk = None, None
     if reference is not None:
         log.info("loading the reference %s", reference)
         ref_model, _ = load_model(reference, report.get("source", {}).get("gguf_file") if args.reference == "auto"
                                   else None, args.dtype)
+        ref_model.to(device)
         ref_disk = disk_bytes(reference)
     tasks = [t for t in args.tasks.split(",") if t.strip()]
     res = evaluate(model, tokenizer, reference=ref_model, ppl=ppl, seqlen=args.seqlen,

@@ -11,6 +11,20 @@ def _f(default, help):
     return field(default=default, metadata={"help": help})
 
 
+def parse_device(name):
+    """torch.device for a --device value, or an LlmromError naming the fix (compress and eval share it)."""
+    import torch
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise LlmromError(f"--device {name!r} is not a device; use cpu or cuda[:N]") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise LlmromError(f"--device {name} is not supported; use cpu or cuda[:N]")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise LlmromError(f"--device {name} asked for, but this torch sees no CUDA GPU; use --device cpu")
+    return dev
+
+
 def check_correction(correct, sequential, method, sparse):
     """Refuse --correct where it cannot work (one place for CompressConfig and pipeline.LoopOptions)."""
     if not correct:
@@ -115,13 +129,7 @@ class CompressConfig:
         for name in ("nsamples", "seqlen", "batch_size"):
             if getattr(self, name) < 1:
                 raise LlmromError(f"--{name} must be a positive integer, got {getattr(self, name)}")
-        import torch
-        try:
-            dev = torch.device(self.device)
-        except RuntimeError:
-            raise LlmromError(f"--device {self.device!r} is not a device; use cpu or cuda[:N]") from None
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            raise LlmromError(f"--device {self.device} asked for, but this torch sees no CUDA GPU; use --device cpu")
+        parse_device(self.device)
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise LlmromError(f"--dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
         if self.activations not in ("cpu", "disk"):
