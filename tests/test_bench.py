@@ -75,16 +75,25 @@ def test_ablation_smoke(tiny_folder, tmp_path):
     """bench/ablate.py: one setting changed at a time, same last N blocks and budget, one table."""
     held = tmp_path / "held.txt"
     held.write_text("Held-out evaluation text, different from the calibration text. " * 300)
+    name = tiny_folder.name
+    (tmp_path / "runs").mkdir()  # the benchmark's dense row, fingerprinted with the benchmark's calibration
+    dense = {"model": str(tiny_folder), "variant": "dense", "calibration_tokens_sha256": "f" * 64,
+             "eval": {"perplexity": {"model": 123.0}}}
+    (tmp_path / "runs" / f"{name}_dense.json").write_text(json.dumps(dense))
     bench_module("ablate").main(["--model", str(tiny_folder), "--budget", "0.8", "--last-blocks", "1",
                                  "--settings", "n32,len32", "--results", str(tmp_path), "--batch-size", "8",
                                  "--eval", str(held), "--eval-seqlen", "64", "--eval-windows", "2",
                                  "--fidelity-windows", "1"])
-    name = tiny_folder.name
     runs = {s: json.loads((tmp_path / "ablation" / f"{name}_0.8" / s / f"{name}_0.8_rom.json").read_text())
             for s in ("n32", "len32")}
     assert runs["n32"]["protocol"]["calibration"].startswith("pydoc: 32 windows x 128")
     assert runs["len32"]["protocol"]["calibration"].startswith("pydoc: 128 windows x 32")
     assert {r["plan"]["last_blocks"] for r in runs.values()} == {1}
+    for s in ("n32", "len32"):  # the dense evaluation is reused, and each setting keeps its own calibration
+        copied = json.loads((tmp_path / "ablation" / f"{name}_0.8" / s / f"{name}_dense.json").read_text())
+        assert copied["eval"]["perplexity"]["model"] == 123.0 and "calibration_tokens_sha256" not in copied
+        assert runs[s]["eval"]["perplexity"]["reference"] == 123.0
+    assert runs["n32"]["calibration_tokens_sha256"] != runs["len32"]["calibration_tokens_sha256"]
     assert all(r["totals"]["kept_fraction"] <= 0.8 for r in runs.values())
     table = (tmp_path / f"ablation_{name}_0.8.md").read_text()
     assert "| n32 |" in table and "| len32 |" in table and "| n512 |" not in table
