@@ -66,7 +66,7 @@ def main(argv=None):
         run.main(["--models", args.model, "--budgets", str(args.budget), "--variants", "rom", "--calib", calib,
                   "--nsamples", str(nsamples), "--seqlen", str(seqlen), "--last-blocks", str(last_n),
                   "--out", str(root / setting), *passed])
-    write_table(Path(args.results), root, name, args.budget, last_n)
+    write_table(Path(args.results), root, name, args.budget)
 
 
 def dense_copy(path):
@@ -79,19 +79,36 @@ def dense_copy(path):
     return row
 
 
-def write_table(results, root, name, budget, last_n):
-    rows = ["| setting | calibration | kept | perplexity | KL | top-1 | compress s |", "|---|---|---:|---:|---:|---:|---:|"]
+def ablation_table(root, name, budget):
+    """(title, Markdown table) of the settings run under `root` (one folder per setting), or None if none ran.
+
+    "vs n128" is each setting's perplexity over the benchmark setting's (128 windows x 128 tokens of pydoc)."""
+    rows = {}
     for setting in SETTINGS:
-        f = root / setting / f"{name}_{budget:g}_rom.json"
-        if not f.exists():
-            continue
-        r = json.loads(f.read_text())
+        f = Path(root) / setting / f"{name}_{budget:g}_rom.json"
+        if f.exists():
+            rows[setting] = json.loads(f.read_text())
+    if not rows:
+        return None
+    base = rows.get("n128", {}).get("eval", {}).get("perplexity", {}).get("model")
+    lines = ["| setting | calibration | kept | perplexity | vs n128 | KL | top-1 | compress s |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for setting, r in rows.items():
         e = r["eval"]
-        rows.append(f"| {setting} | {r['protocol']['calibration']} | {r['totals']['kept_fraction']:.4f} "
-                    f"| {e['perplexity']['model']:.3f} | {e['fidelity']['kl_mean']:.3f} "
-                    f"| {e['fidelity']['top1_agreement']:.3f} | {r['compress_seconds']:.0f} |")
-    text = (f"# Calibration ablations: {name}, budget {budget:g}, last {last_n} blocks, default method\n\n"
-            + "\n".join(rows) + "\n")
+        ppl = e["perplexity"]["model"]
+        lines.append(f"| {setting} | {r['protocol']['calibration']} | {r['totals']['kept_fraction']:.4f} "
+                     f"| {ppl:.3f} | {f'{ppl / base:.3f}' if base else '-'} | {e['fidelity']['kl_mean']:.3f} "
+                     f"| {e['fidelity']['top1_agreement']:.3f} | {r['compress_seconds']:.0f} |")
+    last_n = next(iter(rows.values()))["plan"]["last_blocks"]
+    dense = next(iter(rows.values()))["eval"]["perplexity"].get("reference")
+    title = (f"Calibration ablations: {name}, budget {budget:g}, last {last_n} blocks, default method"
+             + (f" (dense perplexity {dense:.3f})" if dense else ""))
+    return title, "\n".join(lines)
+
+
+def write_table(results, root, name, budget):
+    title, table = ablation_table(root, name, budget) or (f"Calibration ablations: {name}, budget {budget:g}", "")
+    text = f"# {title}\n\n{table}\n"
     (results / f"ablation_{name}_{budget:g}.md").write_text(text)
     print(text)
 

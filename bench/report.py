@@ -12,6 +12,7 @@ import argparse
 import json
 import math
 import re
+import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -21,6 +22,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 HERE = Path(__file__).parent
+sys.path.insert(0, str(HERE))  # bench/ablate.py, also when this file is loaded by path (tests)
 BEGIN, END = "<!-- results:begin (bench/report.py writes this) -->", "<!-- results:end -->"
 
 
@@ -154,6 +156,21 @@ def heal_table(results):
     return "\n".join(lines) if len(lines) > 2 else ""
 
 
+ABLATION_BEGIN, ABLATION_END = "<!-- ablation:begin (bench/report.py writes this) -->", "<!-- ablation:end -->"
+
+
+def ablation_section(results):
+    """Every bench/ablate.py table under `results`/ablation/<model>_<budget>/, titled, one after another."""
+    import ablate
+    parts = []
+    for root in sorted(p for p in (Path(results) / "ablation").glob("*_*") if p.is_dir()):
+        name, budget = root.name.rsplit("_", 1)
+        found = ablate.ablation_table(root, name, float(budget))
+        if found:
+            parts += [f"**{found[0]}** (`bench/results/ablation/{root.name}/`)", "", found[1], ""]
+    return "\n".join(parts).rstrip()
+
+
 def replace_between(text, begin, end, body, where):
     if begin not in text:
         raise SystemExit(f"{where} has no '{begin}' marker; add the markers where the generated part goes")
@@ -279,6 +296,9 @@ def main(argv=None):
         heal = heal_table(out)
         if heal and HEAL_BEGIN in text:
             text = replace_between(text, HEAL_BEGIN, HEAL_END, heal, readme)
+        ablation = ablation_section(out)
+        if ablation and ABLATION_BEGIN in text:
+            text = replace_between(text, ABLATION_BEGIN, ABLATION_END, ablation, readme)
         readme.write_text(text)
     print(summary)
 

@@ -97,6 +97,11 @@ def test_ablation_smoke(tiny_folder, tmp_path):
     assert all(r["totals"]["kept_fraction"] <= 0.8 for r in runs.values())
     table = (tmp_path / f"ablation_{name}_0.8.md").read_text()
     assert "| n32 |" in table and "| len32 |" in table and "| n512 |" not in table
+    section = bench_module("report").ablation_section(tmp_path)  # the README's copy of the same table
+    assert f"Calibration ablations: {name}, budget 0.8, last 1 blocks" in section and "(dense perplexity 123.000)" in section
+    n32 = runs["n32"]["eval"]["perplexity"]["model"]
+    assert f"| n32 | pydoc: 32 windows x 128 tokens, seed 0 | {runs['n32']['totals']['kept_fraction']:.4f} | {n32:.3f} | - |" in section
+    assert table.split("\n", 2)[2].strip() in section
 
 
 def test_report_writes_the_heal_table_from_heal_files(tmp_path):
