@@ -250,9 +250,9 @@ def protocol_text(by_model):
                f"({p['speed_rounds']} rounds). " if p["speed_rounds"] else "speed not measured in this run. ")
             + f"Machine: {env['machine']}, "
             f"{env['threads']} threads, torch {env['torch']}, transformers {env['transformers']}, "
-            f"llmrom {env['llmrom']}, Python {env.get('python', '?')} (whose built-in pydoc topics are the "
-            "calibration text: another Python release has other text, so rows record the SHA-256 of their "
-            "calibration token ids). Times marked (GPU) were compressed with --device cuda on another machine "
+            f"llmrom {env['llmrom']}, Python {env.get('python', '?')}; the pydoc calibration text is CPython "
+            "3.11.7's topics, shipped with llmrom, and rows record the SHA-256 of their calibration token ids. "
+            "Times marked (GPU) were compressed with --device cuda on another machine "
             "(recorded in the row) and evaluated on its CPU.")
 
 

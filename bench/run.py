@@ -4,7 +4,8 @@
     python bench/run.py --models smollm2-135m --budgets 0.8 --variants rom,svd
     python bench/report.py                    # tables, plots and README's Results section from the files
 
-Protocol (pinned; printed into every file): calibration on CPython's built-in pydoc topics, 128
+Protocol (pinned; printed into every file): calibration on CPython 3.11.7's pydoc topics (shipped
+with llmrom, the same text on every Python), 128
 windows x 128 tokens at seeded random offsets (seed 0; --nsamples 512 is the paper's setting); evaluation on the Python tutorial (Debian
 python3.11-doc, disjoint from the calibration text), first 40 non-overlapping windows of 512
 tokens, perplexity = exp(mean next-token cross-entropy); fidelity on the first 8 of those windows
@@ -133,7 +134,7 @@ def check_same_calibration(row, tokens, path):
     recorded, here = row.get("calibration_tokens_sha256"), tokens_sha256(tokens)
     if recorded is not None and recorded != here:
         raise SystemExit(f"{path} was calibrated on other token ids (sha256 {recorded[:12]}, here {here[:12]}): the "
-                         "calibration text, tokenizer or windows differ, e.g. another Python's built-in pydoc topics. "
+                         "calibration text, tokenizer or windows differ, e.g. rows calibrated on pydoc:running elsewhere. "
                          "New rows would not compare with the ones there: write them elsewhere (--out DIR), or "
                          "calibrate on the same text (--calib FILE).")
 

@@ -1,9 +1,11 @@
 """Text sources and token windows (llmrom.textdata); nothing here touches the network."""
 
 import builtins
+import hashlib
 import json
 import logging
 import os
+import platform
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
@@ -50,12 +52,27 @@ def pydoc_text():
 
 # ---- sources ---------------------------------------------------------------------------------
 
-def test_pydoc_default(pydoc_text):
-    from pydoc_data.topics import topics
+# SHA-256 of the frozen text: the benchmark's committed rows were calibrated on it (their fingerprints)
+PYDOC_FROZEN_SHA256 = "71f2ff5d99bdc1f9c48c5c2353ad138201c5ca1c377e0226857ef8fa89b8bcee"
 
-    assert len(pydoc_text) > 400_000
-    assert load_text() == pydoc_text
-    assert pydoc_text.startswith(topics[sorted(topics)[0]])
+
+def test_pydoc_default_is_the_frozen_text_on_every_python(pydoc_text, monkeypatch):
+    import sys
+    import types
+
+    assert len(pydoc_text) == 465_126 and load_text() == pydoc_text
+    assert hashlib.sha256(pydoc_text.encode()).hexdigest() == PYDOC_FROZEN_SHA256
+    assert pydoc_text.startswith('The "assert" statement\n')  # sorted topic keys: 'assert' first
+    other = types.ModuleType("pydoc_data.topics")  # another Python's topics
+    other.topics = {"a": "Another release's text."}
+    monkeypatch.setitem(sys.modules, "pydoc_data.topics", other)
+    assert load_text("pydoc") == pydoc_text  # unchanged: frozen, not the running Python's
+    assert load_text("pydoc:running") == "Another release's text."
+
+
+@pytest.mark.skipif(platform.python_version() != "3.11.7", reason="the frozen text is CPython 3.11.7's")
+def test_pydoc_frozen_equals_cpython_3_11_7(pydoc_text):
+    assert load_text("pydoc:running") == pydoc_text
 
 
 def test_txt_file(tmp_path):

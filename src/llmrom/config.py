@@ -72,8 +72,9 @@ class CompressConfig:
                               "Experimental: on SmolLM2-135M (budget 0.9, 32 x 128 calibration tokens) it made "
                               "held-out perplexity worse, 33.1 -> 43.0 (bench/results/correct_smollm2.json): with "
                               "few calibration tokens per input dimension the regression overfits them")
-    calib: str = _f("pydoc", "calibration text: pydoc (built in), python-docs:SUBDIR, a .txt/.jsonl file or a "
-                             "folder, or wikitext2 / c4 / ptb (needs `datasets` and network)")
+    calib: str = _f("pydoc", "calibration text: pydoc (built in: CPython 3.11.7's topics, the same on every "
+                             "Python; pydoc:running is this Python's own), python-docs:SUBDIR, a .txt/.jsonl file "
+                             "or a folder, or wikitext2 / c4 / ptb (needs `datasets` and network)")
     nsamples: int = _f(512, "number of calibration windows (the paper: 512)")
     seqlen: int = _f(128, "tokens per calibration window (the paper: 128)")
     seed: int = _f(0, "seed of the calibration window positions")

@@ -1,7 +1,8 @@
 """Text sources -> token windows for calibration and perplexity evaluation.
 
 ``load_text(source)`` returns one string, documents joined with blank lines. Sources:
-``pydoc`` (built in), ``python-docs[:SUBDIR]`` (Debian ``python3.11-doc``), a local file or folder,
+``pydoc`` (built in: CPython 3.11.7's pydoc topics, frozen in llmrom/data so the text is the same on
+every Python; ``pydoc:running`` is the running Python's own copy), ``python-docs[:SUBDIR]`` (Debian ``python3.11-doc``), a local file or folder,
 and ``wikitext2`` / ``ptb`` / ``c4`` through the optional ``datasets`` package (``NAME:SPLIT``).
 
 BOS: a tokenizer that adds a BOS token by itself (LLaMA, Gemma, OPT; not GPT-2 or SmolLM2) gets
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import lzma
 import os
 from pathlib import Path
 
@@ -21,6 +23,7 @@ import torch
 
 from llmrom.errors import LlmromError
 
+PYDOC_FROZEN = Path(__file__).parent / "data" / "pydoc_topics_3.11.7.txt.xz"  # scripts/freeze_pydoc_topics.py
 PYDOCS_DIR = "/usr/share/doc/python3.11/html/_sources"  # Debian python3.11-doc (*.rst.txt)
 TEXT_SUFFIXES = (".txt", ".md", ".rst")
 # name -> (load_dataset args, text field, default split, allowed splits)
@@ -33,7 +36,7 @@ HUB_SOURCES = {
 C4_SHARDS = {"train": "en/c4-train.00000-of-01024.json.gz",
              "validation": "en/c4-validation.00000-of-00008.json.gz"}
 C4_MAX_DOCS = {"train": 5000, "validation": 1100}
-KNOWN = "pydoc, python-docs[:SUBDIR], wikitext2[:SPLIT], ptb[:SPLIT], c4[:SPLIT], or a path to a file or folder"
+KNOWN = "pydoc, pydoc:running, python-docs[:SUBDIR], wikitext2[:SPLIT], ptb[:SPLIT], c4[:SPLIT], or a path to a file or folder"
 
 
 def load_text(source: str = "pydoc") -> str:
@@ -42,6 +45,8 @@ def load_text(source: str = "pydoc") -> str:
         raise LlmromError(f"text source must be a non-empty string, got {source!r}; use one of {KNOWN}")
     name, _, arg = source.partition(":")
     if source == "pydoc":  # named sources win; write ./pydoc for a local file of that name
+        return lzma.decompress(PYDOC_FROZEN.read_bytes()).decode("utf-8")
+    if source == "pydoc:running":
         from pydoc_data.topics import topics
         return "\n\n".join(topics[k] for k in sorted(topics))
     if name == "python-docs":
@@ -170,9 +175,10 @@ def _check_positive(**values) -> None:
 def tokens_sha256(tokens: torch.Tensor) -> str:
     """SHA-256 of a token-id tensor: one fingerprint of text, tokenizer and window positions together.
 
-    Reports carry it because the same named source is not the same text everywhere: ``pydoc`` is
-    the running Python's own topics, which change between patch releases (3.11.2's and 3.11.7's
-    differ by 1,049 characters, enough to change which blocks a budget compresses)."""
+    Reports carry it because the same named source is not the same text everywhere: ``pydoc:running``
+    and ``python-docs`` are the machine's own copies, which change between releases (3.11.2's and
+    3.11.7's pydoc topics differ by 1,049 characters, enough to change which blocks a budget
+    compresses; hence the frozen ``pydoc``), and a local file is whatever it holds."""
     return hashlib.sha256(tokens.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()
 
 
