@@ -2,8 +2,9 @@
 
 ``load_text(source)`` returns one string, documents joined with blank lines. Sources:
 ``pydoc`` (built in: CPython 3.11.7's pydoc topics, frozen in llmrom/data so the text is the same on
-every Python; ``pydoc:running`` is the running Python's own copy), ``python-docs[:SUBDIR]`` (Debian ``python3.11-doc``), a local file or folder,
-and ``wikitext2`` / ``ptb`` / ``c4`` through the optional ``datasets`` package (``NAME:SPLIT``).
+every Python; ``pydoc:running`` is the running Python's own copy), ``python-docs[:SUBDIR]`` (Debian
+``python3.11-doc``), a local file or folder, and ``wikitext2`` / ``ptb`` / ``c4`` through the optional
+``datasets`` package (``NAME:SPLIT``).
 
 BOS: a tokenizer that adds a BOS token by itself (LLaMA, Gemma, OPT; not GPT-2 or SmolLM2) gets
 BOS at the start of every calibration window, followed by ``seqlen - 1`` text tokens, so the
@@ -36,7 +37,8 @@ HUB_SOURCES = {
 C4_SHARDS = {"train": "en/c4-train.00000-of-01024.json.gz",
              "validation": "en/c4-validation.00000-of-00008.json.gz"}
 C4_MAX_DOCS = {"train": 5000, "validation": 1100}
-KNOWN = "pydoc, pydoc:running, python-docs[:SUBDIR], wikitext2[:SPLIT], ptb[:SPLIT], c4[:SPLIT], or a path to a file or folder"
+KNOWN = ("pydoc, pydoc:running, python-docs[:SUBDIR], wikitext2[:SPLIT], ptb[:SPLIT], c4[:SPLIT], "
+         "or a path to a file or folder")
 
 
 def load_text(source: str = "pydoc") -> str:
