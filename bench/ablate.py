@@ -101,9 +101,10 @@ def ablation_table(root, name, budget):
         lines.append(f"| {setting} | {r['protocol']['calibration']} | {r['totals']['kept_fraction']:.4f} "
                      f"| {ppl:.3f} | {f'{ppl / base:.3f}' if base else '-'} | {e['fidelity']['kl_mean']:.3f} "
                      f"| {e['fidelity']['top1_agreement']:.3f} | {seconds} |")
-    last_n = next(iter(rows.values()))["plan"]["last_blocks"]
-    dense = next(iter(rows.values()))["eval"]["perplexity"].get("reference")
-    title = (f"Calibration ablations: {name}, budget {budget:g}, last {last_n} blocks, default method"
+    first = next(iter(rows.values()))  # every setting has the same blocks and the same dense reference
+    dense = first["eval"]["perplexity"].get("reference")
+    title = (f"Calibration ablations: {name}, budget {budget:g}, last {first['plan']['last_blocks']} blocks, "
+             "default method"
              + (f" (dense perplexity {dense:.3f})" if dense else ""))
     return title, "\n".join(lines)
 

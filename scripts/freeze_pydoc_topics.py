@@ -16,13 +16,13 @@ import lzma
 import platform
 from pathlib import Path
 
-from pydoc_data.topics import topics
+from llmrom.textdata import load_text
 
 DATA = Path(__file__).resolve().parent.parent / "src" / "llmrom" / "data"
 
 
 def main():
-    text = "\n\n".join(topics[k] for k in sorted(topics))
+    text = load_text("pydoc:running")  # the running Python's topics, joined as llmrom joins them
     out = DATA / f"pydoc_topics_{platform.python_version()}.txt.xz"
     out.write_bytes(lzma.compress(text.encode("utf-8"), preset=9 | lzma.PRESET_EXTREME))
     print(f"{out}: {len(text):,} characters, {out.stat().st_size:,} bytes")
