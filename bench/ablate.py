@@ -1,10 +1,10 @@
 """The paper's calibration ablations with our tool: number of windows, window length, source.
 
-    python bench/ablate.py                       # SmolLM2, budget 0.8, the last N blocks of the benchmark's rom run
+    python bench/ablate.py                       # SmolLM2, budget 0.8, the last N blocks of the benchmark's rom-blocks run
     python bench/ablate.py --model gemma3-270m --budget 0.9
 
-Every setting compresses the same last N blocks (taken from bench/results/runs/<model>_<budget>_rom.json,
-or --last-blocks) with the default method at the same whole-model budget, and is evaluated with the
+Every setting compresses the same last N blocks (taken from bench/results/runs/<model>_<budget>_rom-blocks.json,
+or --last-blocks) with the default method on the blocks (embedding dense) at the same whole-model budget, and is evaluated with the
 benchmark's protocol (bench/run.py). One setting changes at a time from the benchmark's (128 windows
 x 128 tokens of pydoc): windows 32/128/512 (the paper's), window length 32/64/128 at 128 windows,
 and the calibration source (pydoc topics, the library reference, the language reference; all
@@ -35,14 +35,14 @@ SETTINGS = {  # name: (calib, nsamples, seqlen)
 }
 
 
-BENCHMARK = ("pydoc", 128, 128)  # bench/run.py's calibration: its rom runs are the n128 setting
+BENCHMARK = ("pydoc", 128, 128)  # bench/run.py's calibration: its rom-blocks runs are the n128 setting
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--budget", type=float, default=0.8)
-    ap.add_argument("--last-blocks", type=int, help="default: N of the benchmark's rom run at this budget")
+    ap.add_argument("--last-blocks", type=int, help="default: N of the benchmark's rom-blocks run at this budget")
     ap.add_argument("--settings", default=",".join(SETTINGS), help=f"any of {', '.join(SETTINGS)}")
     ap.add_argument("--results", default=str(HERE / "results"), help="results folder (the benchmark's)")
     args, passed = ap.parse_known_args(argv)  # the rest goes to bench/run.py (evaluation options)
@@ -58,12 +58,12 @@ def main(argv=None):
         (root / setting).mkdir(parents=True, exist_ok=True)
         if dense.exists() and not (root / setting / dense.name).exists():  # evaluation of the dense model is
             write_json_atomic(root / setting / dense.name, dense_copy(dense))  # independent of the calibration
-        bench_run = Path(args.results) / "runs" / f"{name}_{args.budget:g}_rom.json"
+        bench_run = Path(args.results) / "runs" / f"{name}_{args.budget:g}_{run.REFERENCE}.json"
         mine = root / setting / bench_run.name
         if (not passed and (calib, nsamples, seqlen) == BENCHMARK and bench_run.exists() and not mine.exists()
                 and json.loads(bench_run.read_text())["plan"]["last_blocks"] == last_n):
             shutil.copy(bench_run, mine)  # the benchmark's own run is this setting: reuse it
-        run.main(["--models", args.model, "--budgets", str(args.budget), "--variants", "rom", "--calib", calib,
+        run.main(["--models", args.model, "--budgets", str(args.budget), "--variants", run.REFERENCE, "--calib", calib,
                   "--nsamples", str(nsamples), "--seqlen", str(seqlen), "--last-blocks", str(last_n),
                   "--out", str(root / setting), *passed])
     write_table(Path(args.results), root, name, args.budget)
@@ -85,7 +85,7 @@ def ablation_table(root, name, budget):
     "vs n128" is each setting's perplexity over the benchmark setting's (128 windows x 128 tokens of pydoc)."""
     rows = {}
     for setting in SETTINGS:
-        f = Path(root) / setting / f"{name}_{budget:g}_rom.json"
+        f = Path(root) / setting / f"{name}_{budget:g}_{run.REFERENCE}.json"
         if f.exists():
             rows[setting] = json.loads(f.read_text())
     if not rows:
@@ -104,7 +104,7 @@ def ablation_table(root, name, budget):
     first = next(iter(rows.values()))  # every setting has the same blocks and the same dense reference
     dense = first["eval"]["perplexity"].get("reference")
     title = (f"Calibration ablations: {name}, budget {budget:g}, last {first['plan']['last_blocks']} blocks, "
-             "default method"
+             "default method on the blocks"
              + (f" (dense perplexity {dense:.3f})" if dense else ""))
     return title, "\n".join(lines)
 

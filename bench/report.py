@@ -35,7 +35,7 @@ def load_runs(folder):
 
 
 def _order(r):
-    return (-r["budget"], r["variant"] != "rom", r["variant"])
+    return (-r["budget"], r["variant"] not in ("rom", REFERENCE), r["variant"] != "rom", r["variant"])
 
 
 def gpu_mark(run):
@@ -68,20 +68,27 @@ def table(model, runs):
         speed = e.get("speed")
         px = f"{speed['model']['prefill_tokens_per_s'] / speed['reference']['prefill_tokens_per_s']:.2f}" if speed else "-"
         dx = f"{speed['model']['decode_tokens_per_s'] / speed['reference']['decode_tokens_per_s']:.2f}" if speed else "-"
-        where = (f"{plan['last_blocks']} x {plan['module_budget']:.3f}" if "last_blocks" in plan else
-                 f"{plan['policy']}: {plan.get('modules_factorized')} factorized")
-        lines.append(f"| {r['budget']:g} | {r['variant']} | {where} "
+        lines.append(f"| {r['budget']:g} | {r['variant']} | {plan_text(plan)} "
                      f"| {t['kept_fraction']:.4f} | {e['perplexity']['model']:.3f} | {e['fidelity']['kl_mean']:.3f} "
                      f"| {e['fidelity']['top1_agreement']:.3f} | {px} | {dx} | {r['compress_seconds']:.0f}{gpu_mark(r)} "
                      f"| {r['peak_rss_bytes_during_compression'] / 2**30:.2f} |")
     return "\n".join(lines)
 
 
+def plan_text(plan):
+    """'12 x 0.198' (last N blocks x module budget), 'embedding r384 + 12 x 0.198', or the policy."""
+    emb = f"embedding r{plan['embedding']['rank']}" if plan.get("embedding") else ""
+    if plan.get("last_blocks"):
+        blocks = f"{plan['last_blocks']} x {plan['module_budget']:.3f}"
+        return f"{emb} + {blocks}" if emb else blocks
+    return emb or f"{plan['policy']}: {plan.get('modules_factorized')} factorized"
+
+
 BASELINES = ("svd", "svd-llm", "rom-uncentred")  # issue 4's item 1: weight SVD, SVD-LLM (W), the paper's ROM
 
 
 # llmrom's configurations: the default and its options
-OURS = ("rom", "rom-correct", "rom-sparse", "rom-sparse50", "rom-sparse-lean", "rom-welore", "rom-welore-sparse",
+OURS = ("rom", "rom-blocks", "rom-correct", "rom-sparse", "rom-sparse50", "rom-sparse-lean", "rom-welore", "rom-welore-sparse",
         "rom-global", "rom-loss", "rom-loss-nonseq")
 
 
@@ -116,21 +123,23 @@ def target_table(by_model):
     return "\n".join(lines) if len(lines) > 2 else ""
 
 
-OPTIONS = ("rom-uncentred", "rom-nonseq", "rom-correct", "rom-sparse", "rom-sparse-lean")  # the default with one option changed
+# rom-blocks (the last N blocks, embedding dense) with one option changed; rom adds the embedding to the plan
+OPTIONS = ("rom", "rom-uncentred", "rom-nonseq", "rom-correct", "rom-sparse", "rom-sparse-lean")
+REFERENCE = "rom-blocks"
 
 
 def options_table(by_model):
-    """How the default (rom) compares with each same-blocks variant over every (model, budget) where
-    both ran: geometric mean of perplexity / rom's, and in how many of them rom is lower (issue 4, item 6)."""
-    lines = ["| variant | runs (model, budget) | mean perplexity / default's (geometric) | default lower in "
+    """How rom-blocks compares with each variant of OPTIONS over every (model, budget) where both ran:
+    geometric mean of perplexity / rom-blocks', and in how many of them rom-blocks is lower (issue 4, item 6)."""
+    lines = ["| variant | runs (model, budget) | mean perplexity / rom-blocks' (geometric) | rom-blocks lower in "
              "| where the variant wins |", "|---|---:|---:|---:|---|"]
     for v in OPTIONS:
         pairs = []
         for model, runs in sorted(by_model.items()):
             for budget in sorted({r["budget"] for r in runs}, reverse=True):
                 at = {r["variant"]: r["eval"]["perplexity"]["model"] for r in runs if r["budget"] == budget}
-                if v in at and "rom" in at:
-                    pairs.append((model, budget, at[v] / at["rom"]))
+                if v in at and REFERENCE in at:
+                    pairs.append((model, budget, at[v] / at[REFERENCE]))
         if not pairs:
             continue
         gmean = math.exp(sum(math.log(x) for *_, x in pairs) / len(pairs))
@@ -279,8 +288,10 @@ def main(argv=None):
                   f"llmrom's option variants that ran ({', '.join(OURS[1:])}).", "", targets, ""]
     options = options_table(by_model)
     if options:
-        parts += ["The default against itself with one option changed (same blocks, same whole-model budget): "
-                  "above 1 the default is better.", "", options, ""]
+        parts += ["The last N blocks alone (rom-blocks, the default before the embedding took part) against itself "
+                  "with one option changed (same blocks, same whole-model budget), and against the default rom, "
+                  "which plans the token embedding's share of the cut with N: above 1 rom-blocks is better.", "",
+                  options, ""]
     for model, runs in sorted(by_model.items()):
         parts += [table(model, runs), ""]
         if any(r["variant"] == "rom" for r in runs):

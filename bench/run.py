@@ -11,9 +11,10 @@ python3.11-doc, disjoint from the calibration text), first 40 non-overlapping wi
 tokens, perplexity = exp(mean next-token cross-entropy); fidelity on the first 8 of those windows
 against the dense model; speed (off by default) interleaved with the dense model in the same process.
 
-For each budget the default variant picks the number of compressed blocks N automatically; every
-other variant compresses the same N blocks with its module budget solved to meet the same
-whole-model budget, so rows of one budget differ only in the method (except svd-llm, which keeps
+For each budget the rom-blocks variant (the default before the embedding took part) picks the number
+of compressed blocks N automatically; the default rom chooses N together with the token embedding's
+share of the cut (llmrom.embedding); every other variant compresses rom-blocks' N blocks, embedding
+dense, with its module budget solved to meet the same whole-model budget, so rows of one budget differ only in the method (except svd-llm, which keeps
 SVD-LLM's own policy, one ratio for every matrix of every block, and the rank-policy variants
 rom-welore and rom-global, which spread the budget over all blocks their own way). Each run starts from a fresh
 copy of the dense weights. Runs whose file exists are skipped, so an interrupted benchmark resumes.
@@ -43,7 +44,9 @@ RESULTS = Path(__file__).parent / "results"
 MODELS = ("smollm2-135m", "gemma3-270m", "qwen2.5-coder-0.5b")
 BUDGETS = (0.9, 0.8, 0.7, 0.5)
 VARIANTS = {  # name: CompressConfig fields that differ from the defaults
-    "rom": {},  # the shipped default: centred, sequential output PCA
+    # the previous default and the reference N of the same-blocks variants: the last N blocks only
+    "rom-blocks": {"embedding_budget": 1.0},
+    "rom": {},  # the shipped default: centred, sequential output PCA; embedding's share of the cut chosen with N
     "rom-uncentred": {"centered": False},  # the paper's own form
     "rom-nonseq": {"sequential": False},  # calibrated on the dense model's activations
     "svd": {"method": "svd", "centered": False, "sequential": False},  # data-free weight SVD baseline
@@ -65,9 +68,13 @@ MODULE_KEYS = ("name", "d_in", "d_out", "rank", "nnz", "params_before", "params_
                "relative_error", "explained_curve")  # per module in each results file (nnz: sparse residual)
 
 
+REFERENCE = "rom-blocks"  # chooses N automatically for the blocks alone; same-blocks variants copy its N
+
+
 def same_blocks(variant):
-    """Whether the variant compresses the blocks the default variant chose (else it has its own policy)."""
-    return not {"last_blocks", "policy"} & set(VARIANTS[variant])
+    """Whether the variant compresses the blocks the reference variant chose, with the embedding dense
+    (else it has its own policy: the default rom, which plans the embedding with the blocks, included)."""
+    return variant != "rom" and not {"last_blocks", "policy"} & set(VARIANTS[variant])
 
 
 def parse_args(argv=None):
@@ -106,8 +113,9 @@ def parse_args(argv=None):
 
 
 def benchmark_last_blocks(results, name, budget):
-    """N of the benchmark's rom run of `name` at `budget` (chosen there automatically); exits if it has not run."""
-    ref = Path(results) / "runs" / f"{name}_{budget:g}_rom.json"
+    """N of the benchmark's rom-blocks run of `name` at `budget` (chosen there automatically); exits if
+    it has not run."""
+    ref = Path(results) / "runs" / f"{name}_{budget:g}_{REFERENCE}.json"
     if not ref.exists():
         raise SystemExit(f"{ref} not found: run bench/run.py for this model and budget first, or give --last-blocks")
     return json.loads(ref.read_text())["plan"]["last_blocks"]
@@ -177,8 +185,10 @@ def run_model(model_name, args, out):
                       **VARIANTS[variant]}
             if fields.get("last_blocks") == "all":
                 fields["last_blocks"] = n_blocks
-            elif last_n is not None and same_blocks(variant):
-                fields["last_blocks"] = last_n
+            elif same_blocks(variant):
+                fields["embedding_budget"] = 1.0
+                if last_n is not None:
+                    fields["last_blocks"] = last_n
             cfg = CompressConfig(**fields)
             model = copy.deepcopy(dense)
             reset_peak_rss()

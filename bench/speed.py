@@ -38,7 +38,7 @@ def main(argv=None):
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--budget", type=float, default=0.8)
     ap.add_argument("--variants", default="rom,rom-sparse", help=f"any of {', '.join(run.VARIANTS)}")
-    ap.add_argument("--last-blocks", type=int, help="default: N of the benchmark's rom run at this budget")
+    ap.add_argument("--last-blocks", type=int, help="default: N of the benchmark's rom-blocks run at this budget")
     ap.add_argument("--nsamples", type=int, default=128)
     ap.add_argument("--seqlen", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=5)

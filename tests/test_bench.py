@@ -20,7 +20,7 @@ def test_benchmark_smoke(tiny_folder, tmp_path, capsys):
     held = tmp_path / "held.txt"
     held.write_text("Held-out evaluation text, different from the calibration text. " * 300)
     runs = tmp_path / "runs"
-    argv = ["--models", str(tiny_folder), "--budgets", "0.9,0.8,0.05", "--variants", "rom,svd,svd-llm", "--nsamples", "8",
+    argv = ["--models", str(tiny_folder), "--budgets", "0.9,0.8,0.05", "--variants", "rom-blocks,rom,svd,svd-llm", "--nsamples", "8",
             "--seqlen", "32", "--batch-size", "4", "--eval", str(held), "--eval-seqlen", "64", "--eval-windows", "3",
             "--fidelity-windows", "2", "--speed-rounds", "1", "--out", str(runs)]
     bench_module("run").main(argv)
@@ -28,10 +28,15 @@ def test_benchmark_smoke(tiny_folder, tmp_path, capsys):
     name = tiny_folder.name
     files = sorted(p.name for p in runs.glob("*.json"))
     assert files == sorted([f"{name}_dense.json"] + [f"{name}_{b}_{v}.json" for b in ("0.9", "0.8")
-                                                     for v in ("rom", "svd", "svd-llm")])
+                                                     for v in ("rom-blocks", "rom", "svd", "svd-llm")])
     for budget in (0.9, 0.8):
-        rom, svd = (json.loads((runs / f"{name}_{budget:g}_{v}.json").read_text()) for v in ("rom", "svd"))
+        rom, svd, default = (json.loads((runs / f"{name}_{budget:g}_{v}.json").read_text())
+                             for v in ("rom-blocks", "svd", "rom"))
         assert rom["plan"]["last_blocks"] == svd["plan"]["last_blocks"]  # same blocks, only the method differs
+        assert rom["config"]["embedding_budget"] == svd["config"]["embedding_budget"] == 1.0  # embedding dense
+        # the default plans the embedding's share with N, as `llmrom compress --budget` does
+        assert default["config"]["embedding_budget"] is None and default["totals"]["kept_fraction"] <= budget
+        assert {c["embedding_rank"] is None for c in default["plan"]["auto"]["candidates"]} == {True, False}
         svd_llm = json.loads((runs / f"{name}_{budget:g}_svd-llm.json").read_text())
         assert svd_llm["plan"]["last_blocks"] == 2 and svd_llm["config"]["method"] == "whitened_svd"
         assert svd_llm["totals"]["kept_fraction"] <= budget
@@ -84,7 +89,7 @@ def test_ablation_smoke(tiny_folder, tmp_path):
                                  "--settings", "n32,len32", "--results", str(tmp_path), "--batch-size", "8",
                                  "--eval", str(held), "--eval-seqlen", "64", "--eval-windows", "2",
                                  "--fidelity-windows", "1"])
-    runs = {s: json.loads((tmp_path / "ablation" / f"{name}_0.8" / s / f"{name}_0.8_rom.json").read_text())
+    runs = {s: json.loads((tmp_path / "ablation" / f"{name}_0.8" / s / f"{name}_0.8_rom-blocks.json").read_text())
             for s in ("n32", "len32")}
     assert runs["n32"]["protocol"]["calibration"].startswith("pydoc: 32 windows x 128")
     assert runs["len32"]["protocol"]["calibration"].startswith("pydoc: 128 windows x 32")
@@ -173,17 +178,18 @@ def test_stream_benchmark_full_run_resumes_in_its_work_folder(tmp_path, monkeypa
     assert not work.exists()
 
 
-def test_options_table_compares_each_option_with_the_default():
+def test_options_table_compares_each_option_with_the_blocks_only_reference():
     def run(variant, budget, ppl):
         return {"variant": variant, "budget": budget, "eval": {"perplexity": {"model": ppl}}}
 
-    by_model = {"a": [run("rom", 0.9, 10.0), run("rom-uncentred", 0.9, 12.0), run("rom", 0.8, 20.0),
-                      run("rom-uncentred", 0.8, 15.0), run("rom-nonseq", 0.8, 40.0)],
-                "b": [run("rom-uncentred", 0.9, 5.0)]}  # no default run there: not compared
+    by_model = {"a": [run("rom-blocks", 0.9, 10.0), run("rom-uncentred", 0.9, 12.0), run("rom-blocks", 0.8, 20.0),
+                      run("rom-uncentred", 0.8, 15.0), run("rom-nonseq", 0.8, 40.0), run("rom", 0.8, 5.0)],
+                "b": [run("rom-uncentred", 0.9, 5.0), run("rom", 0.9, 1.0)]}  # no reference run there: not compared
     table = bench_module("report").options_table(by_model)
     rows = {line.split(" | ")[0].strip("| "): line for line in table.splitlines()}
     assert rows["rom-uncentred"] == "| rom-uncentred | 2 | 0.949 | 1 of 2 | a 0.8 |"  # sqrt(1.2 * 0.75)
     assert rows["rom-nonseq"] == "| rom-nonseq | 1 | 2.000 | 1 of 1 | - |"
+    assert rows["rom"] == "| rom | 1 | 0.250 | 0 of 1 | a 0.8 |"  # the default, embedding planned with N
     assert "rom-sparse" not in rows
 
 

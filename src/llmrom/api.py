@@ -5,9 +5,10 @@ import time
 
 from . import __version__
 from .arch import layout_for, weight_matrix, is_linear
-from .autoplan import choose_last_n
+from .autoplan import EMBEDDING_GRID, choose_last_n
 from .config import CompressConfig
 from .cost import count_params, macs_per_token, peak_rss_bytes
+from .embedding import check_embedding_budget, embedding_shape, factorize_embedding, is_factorized
 from .errors import LlmromError
 from .evaluate import environment
 from .factorized import FactorizedLinear
@@ -45,38 +46,56 @@ def check_dense_exportable(model):
 
 
 def choose_plan(model, layout, shapes, total, tokens, cfg, opts):
-    """{module: rank} for the config, and a description of how it was chosen."""
+    """({module: rank}, embedding rank or None, a description of how they were chosen)."""
     n_blocks = len(model.get_submodule(layout.blocks_path))
-    if cfg.budget is not None:
-        check_budget(cfg.budget, total, shapes)
+    emb = embedding_shape(model)
+    automatic = (cfg.budget is not None and cfg.budget < 1 and cfg.policy == "last-blocks"
+                 and cfg.last_blocks is None and cfg.module_budget is None and cfg.ranks_file is None)
+    emb_rank, budget = None, cfg.budget
+    if cfg.embedding_budget is not None and cfg.embedding_budget < 1:
+        emb_rank = check_embedding_budget(cfg.embedding_budget, emb)
+        if budget is not None:  # the blocks meet what the embedding leaves of the budget
+            budget = min(1.0, (budget * total + emb.removed(emb_rank)) / total)
+        automatic = automatic and budget < 1
+    elif cfg.embedding_budget is not None or not automatic:
+        emb = None  # dense: asked for, or a plan the embedding does not take part in
+    if budget is not None:
+        floor_gain = emb.removed(emb.rank_for(min(EMBEDDING_GRID))) if automatic and emb is not None else 0
+        check_budget(min(1.0, budget + floor_gain / total), total, shapes)
     if cfg.last_blocks is not None:
         check_last_blocks(cfg.last_blocks, n_blocks)
-    if cfg.policy != "last-blocks" and cfg.budget < 1:
-        plan, info = plan_by_policy(cfg.policy, model, layout, shapes, total, cfg.budget, tokens, opts, cfg.centered)
+    if cfg.policy != "last-blocks" and budget < 1:
+        plan, info = plan_by_policy(cfg.policy, model, layout, shapes, total, budget, tokens, opts, cfg.centered)
     elif cfg.ranks_file:
         plan, info = read_ranks_file(cfg.ranks_file, shapes), {"policy": "ranks-file", "file": cfg.ranks_file}
     elif cfg.last_blocks is not None and cfg.module_budget is not None:
         plan = last_blocks_plan(shapes, n_blocks, cfg.last_blocks, cfg.module_budget)
         info = {"policy": "last-blocks", "last_blocks": cfg.last_blocks, "module_budget": cfg.module_budget}
-    elif cfg.budget >= 1:
-        plan, info = {}, {"policy": "none (budget 1 keeps everything)"}
+    elif budget >= 1:
+        plan, info = {}, {"policy": "none (budget 1 keeps every block)"}
     elif cfg.last_blocks is not None:
-        b = module_budget_for(cfg.budget, total, shapes, n_blocks, cfg.last_blocks)
+        b = module_budget_for(budget, total, shapes, n_blocks, cfg.last_blocks)
         if b is None:
             raise LlmromError(f"budget {cfg.budget:g} cannot be met by compressing only the last "
                               f"{cfg.last_blocks} blocks; compress more blocks or drop --last-blocks")
         plan = last_blocks_plan(shapes, n_blocks, cfg.last_blocks, b)
         info = {"policy": "last-blocks", "last_blocks": cfg.last_blocks, "module_budget": b}
     else:
-        candidates = feasible_last_n(cfg.budget, total, shapes, n_blocks)
-        (last_n, b), auto = choose_last_n(model, layout, shapes, n_blocks, candidates, tokens, opts)
-        plan = last_blocks_plan(shapes, n_blocks, last_n, b)
+        candidates = feasible_last_n(budget, total, shapes, n_blocks)
+        (rank, last_n, b), auto = choose_last_n(model, layout, shapes, n_blocks, candidates, tokens, opts,
+                                                embedding=emb if emb_rank is None else None, total=total,
+                                                budget=budget)
+        emb_rank = emb_rank if rank is None else rank
+        plan = last_blocks_plan(shapes, n_blocks, last_n, b) if last_n else {}
         info = {"policy": "last-blocks (automatic)", "last_blocks": last_n, "module_budget": b, "auto": auto}
-    kept = kept_params(total, shapes, plan)
+    if emb_rank is not None:
+        emb = emb or embedding_shape(model)
+        info["embedding"] = {**emb.spec(emb_rank), "kept": emb.factor_params(emb_rank) / emb.dense_params}
+    kept = kept_params(total, shapes, plan) - (emb.removed(emb_rank) if emb_rank is not None else 0)
     if cfg.budget is not None and kept > cfg.budget * total:
         raise LlmromError(f"the requested ranks keep {kept / total:.4f} of the parameters, above --budget "
                           f"{cfg.budget:g}; lower --module-budget or the ranks, or raise --budget")
-    return plan, info
+    return plan, emb_rank, info
 
 
 def loop_options(config, progress=True):
@@ -93,7 +112,7 @@ def compress(model, tokenizer, config: CompressConfig, progress=True, tokens=Non
     `tokens` (nsamples x seqlen) overrides the calibration text of the config (used by tests).
     """
     t0 = time.perf_counter()
-    if any(isinstance(m, FactorizedLinear) for m in model.modules()):
+    if any(isinstance(m, FactorizedLinear) for m in model.modules()) or is_factorized(model):
         raise LlmromError("this model is already compressed by llmrom; compress the original (dense) model "
                           "with the lower budget instead")
     layout = layout_for(model)
@@ -102,7 +121,9 @@ def compress(model, tokenizer, config: CompressConfig, progress=True, tokens=Non
     if tokens is None:
         tokens = calibration_windows(tokenizer, load_text(config.calib), config.nsamples, config.seqlen, config.seed)
     opts = loop_options(config, progress)
-    plan, plan_info = choose_plan(model, layout, shapes, before["parameters"], tokens, config, opts)
+    plan, emb_rank, plan_info = choose_plan(model, layout, shapes, before["parameters"], tokens, config, opts)
+    if emb_rank is not None:  # first, so that every block is calibrated on the factorized embedding's outputs
+        plan_info["embedding"].update(factorize_embedding(model, embedding_shape(model), tokens, emb_rank))
     records = compress_blocks(model, layout, tokens, plan, opts)
     after = {"parameters": count_params(model), "macs_per_token": macs_per_token(model)}
     report = build_report(config, plan_info, tokens, before, after, records, time.perf_counter() - t0,

@@ -9,7 +9,10 @@ covariance, the mean of the dropped directions restored in a bias), because the 
 SmolLM2 at 0.8 a per-block plan chosen by the uncentred proxy lost to last-N once compressed centred.
 
 * `choose_last_n`: the paper picked N by hand. Every feasible N has one module budget b that meets
-  the whole-model budget; a handful of them are scored and the lowest loss wins.
+  the whole-model budget; a handful of them are scored and the lowest loss wins. Given the model's
+  token embedding (llmrom.embedding), the embedding's share of the cut is chosen in the same way:
+  for each kept fraction of the embedding in embedding.GRID, the embedding is projected onto its top
+  output eigenvectors and the blocks' feasible (N, b) for the rest of the budget are scored with it.
 * `choose_block_budgets` (policy `loss`): every block gets its own module budget from a grid (or
   stays dense). Each block is projected alone at each grid budget and the loss increase over the
   dense model is measured; the per-block choices that minimise the summed increase under the
@@ -30,6 +33,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .arch import weight_matrix
+from .embedding import GRID as EMBEDDING_GRID, embedding_basis
 from .errors import LlmromError, NonFiniteError
 from .methods import output_eigh
 from .perplexity import mean_nll
@@ -75,12 +79,17 @@ class ProjectionProxy:
                     self.out_mean[name] = (w64 @ m.mean()).to(device=w.device, dtype=w.dtype)
             del moments
         self.blocks = model.get_submodule(layout.blocks_path)
-        self.dense_loss = mean_nll(model, held)
-        self.inputs = self._block_inputs()
+        self.refresh()
         if self.inputs is not None:  # from a middle block, the dense model must give the full forward's loss
             if not math.isclose(self._loss_from(len(self.blocks) // 2), self.dense_loss, rel_tol=1e-5):
                 log.info("the loss from cached block inputs differs from the full forward: scoring with full forwards")
                 self.inputs = None
+
+    def refresh(self):
+        """Loss and cached block inputs of the model as it is now (after the embedding was edited)."""
+        self.dense_loss = mean_nll(self.model, self.held)
+        if getattr(self, "inputs", True) is not None:
+            self.inputs = self._block_inputs()
 
     def _block_inputs(self):
         """[input of block i on `held`] from one dense forward, or None if the model does not return them."""
@@ -148,28 +157,66 @@ def _split(tokens, n_profile, n_eval):
     return profile, held
 
 
-def _score_last_n(proxy, shapes, n_blocks, candidates, progress):
-    """The proxy loss of each (last N, module budget) candidate of the paper's policy."""
-    return [{"last_blocks": last_n, "module_budget": b,
-             "proxy_calib_loss": proxy.loss(last_blocks_plan(shapes, n_blocks, last_n, b))}
+def _score_last_n(proxy, shapes, n_blocks, candidates, progress, **extra):
+    """The proxy loss of each (last N, module budget) candidate of the paper's policy; N = 0 (nothing
+    left for the blocks to remove) scores the model as it is."""
+    return [{**extra, "last_blocks": last_n, "module_budget": b,
+             "proxy_calib_loss": proxy.loss(last_blocks_plan(shapes, n_blocks, last_n, b)) if last_n else
+             proxy.dense_loss}
             for last_n, b in tqdm(candidates, desc="last-N candidates", disable=not progress, leave=False)]
 
 
+def _embedding_options(emb, total, budget, shapes, n_blocks, candidates, k):
+    """{embedding rank or None (dense): the blocks' (N, b) candidates for the rest of the budget}."""
+    options = {None: thin(candidates, k)} if candidates else {}
+    for fraction in (EMBEDDING_GRID if emb is not None else ()):
+        rank = emb.rank_for(fraction)
+        if rank >= emb.dim:
+            continue
+        rest = (budget * total + emb.removed(rank)) / total
+        blocks = [(0, None)] if rest >= 1 else thin(feasible_last_n(rest, total, shapes, n_blocks), max(2, k // 2))
+        if blocks:
+            options[rank] = blocks
+        if rest >= 1:
+            break  # a smaller embedding would only cut more than the budget asks
+    return options
+
+
 @torch.no_grad()
-def choose_last_n(model, layout, shapes, n_blocks, candidates, tokens, opts, n_profile=32, n_eval=16, k=8):
-    """Returns ((last_n, module_budget), info dict with the scored table and the seconds spent)."""
+def choose_last_n(model, layout, shapes, n_blocks, candidates, tokens, opts, n_profile=32, n_eval=16, k=8,
+                  embedding=None, total=None, budget=None):
+    """Returns ((embedding rank or None, last_n, module_budget), info dict with the scored table and
+    the seconds spent). last_n is 0 when the embedding alone meets the budget. Without `embedding`
+    (an llmrom.embedding.EmbeddingShape; `total` and `budget` come with it) the embedding stays dense."""
     t0 = time.perf_counter()
-    candidates = thin(candidates, k)
+    options = _embedding_options(embedding, total, budget, shapes, n_blocks, candidates, k)
+    if not options:
+        raise LlmromError(f"budget {budget:g} cannot be met by the last-N policy, even with the token embedding "
+                          "factorized; raise --budget")
     profile, held = _split(tokens, n_profile, n_eval)
-    widest = last_blocks_plan(shapes, n_blocks, max(n for n, _ in candidates), max(b for _, b in candidates))
+    flat = [c for cs in options.values() for c in cs if c[0]]
+    widest = last_blocks_plan(shapes, n_blocks, max(n for n, _ in flat), max(b for _, b in flat)) if flat else {}
     proxy = ProjectionProxy(model, layout, widest, profile, held, opts)
-    table = _score_last_n(proxy, shapes, n_blocks, candidates, opts.progress)
+    table = _score_last_n(proxy, shapes, n_blocks, options.get(None, []), opts.progress, embedding_rank=None)
+    if any(r is not None for r in options):
+        w = model.get_submodule(embedding.name).weight
+        dense = w.data
+        vecs = embedding_basis(dense, profile, embedding.dim)[1].to(device=dense.device, dtype=dense.dtype)
+        try:
+            for rank, blocks in options.items():
+                if rank is not None:
+                    w.data = (dense @ vecs[:, :rank]) @ vecs[:, :rank].T
+                    proxy.refresh()
+                    table += _score_last_n(proxy, shapes, n_blocks, blocks, opts.progress, embedding_rank=rank)
+        finally:
+            w.data = dense
+            proxy.refresh()
     best = min(table, key=lambda r: r["proxy_calib_loss"])
     info = {"criterion": "calibration loss of the non-sequential ROM projection", "profile_windows": len(profile),
             "scored_windows": len(held), "candidates": table, "from_cached_block_inputs": proxy.inputs is not None,
             "seconds": time.perf_counter() - t0}
     log.info("auto last-N choice: %s", best)
-    return (best["last_blocks"], best["module_budget"]), info
+    return (best["embedding_rank"], best["last_blocks"], best["module_budget"]), info
 
 
 def _block_plans(shapes, n_blocks, grid):

@@ -49,6 +49,12 @@ class CompressConfig:
     module_budget: float | None = _f(None, "fraction of each compressed matrix's parameters kept, in (0, 1): "
                                            "rank = floor(b * d_in * d_out / (d_in + d_out))")
     ranks_file: str | None = _f(None, "JSON object {module name: rank} giving every rank explicitly")
+    embedding_budget: float | None = _f(None, "fraction of the token embedding's parameters kept, in (0, 1] (1: "
+                                              "dense). The embedding is factorized by the same output PCA (its "
+                                              "outputs are the calibration tokens' rows), a tied output layer "
+                                              "with it, and the blocks meet the rest of --budget. Default: chosen "
+                                              "with the last N blocks by calibration loss when --budget is given "
+                                              "alone (policy last-blocks, not --stream), else 1")
     policy: str = _f("last-blocks", "how --budget is spread over the linears: last-blocks (the paper's), welore "
                                     "(ranks from each weight's singular values, flat spectra kept dense), global "
                                     "(ranks across all blocks by calibration output energy per parameter) or loss "
@@ -116,6 +122,9 @@ class CompressConfig:
                               "or --ranks-file FILE")
         if self.ranks_file is not None and (self.last_blocks is not None or self.module_budget is not None):
             raise LlmromError("--ranks-file gives every rank; do not combine it with --last-blocks/--module-budget")
+        if self.embedding_budget is not None and not 0 < self.embedding_budget <= 1:
+            raise LlmromError(f"--embedding-budget must be in (0, 1] (1 keeps the embedding dense), "
+                              f"got {self.embedding_budget}")
         from .policies import POLICIES
         if self.policy not in POLICIES:
             raise LlmromError(f"unknown --policy {self.policy!r}; choose one of {sorted(POLICIES)}")

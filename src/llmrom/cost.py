@@ -16,9 +16,10 @@ def count_params(model):
 
 def linear_macs_per_token(model):
     """Multiply-accumulates of every linear layer (factorized ones count both factors and their sparse
-    residual's nonzeros) for one token."""
+    residual's nonzeros; a factorized embedding its (rank -> dim) linear) for one token."""
     return (sum(m.weight.numel() for m in model.modules() if is_linear(m))
-            + sum(getattr(m, "nnz", 0) for m in model.modules() if hasattr(m, "stored_indices")))
+            + sum(getattr(m, "nnz", 0) for m in model.modules() if hasattr(m, "stored_indices"))
+            + sum(getattr(m, "macs", 0) for m in model.modules() if not is_linear(m)))  # factorized tied head
 
 
 def attention_macs_per_token(model, seqlen=128):

@@ -11,6 +11,9 @@ Metadata lives in `config.llmrom`:
 A module with a sparse residual (low-rank plus sparse) also has "nnz": its number of stored
 nonzeros; a folder with any such module is written as format_version 2, so that llmrom versions
 which do not know the sparse part refuse it instead of loading the factors without it.
+A factorized token embedding adds
+    "embedding": {"name": "model.embed_tokens", "rank": 384, "head": "lm_head" or null}
+("head": the output layer tied to it, factorized with it); such a folder is format_version 3.
 """
 
 import warnings
@@ -20,7 +23,8 @@ from torch import nn
 
 FORMAT_VERSION = 1  # low-rank factors only
 SPARSE_FORMAT_VERSION = 2  # some modules add a sparse residual ("nnz" in their metadata)
-READABLE_VERSIONS = (FORMAT_VERSION, SPARSE_FORMAT_VERSION)
+EMBEDDING_FORMAT_VERSION = 3  # the token embedding (and its tied head) are factorized ("embedding")
+READABLE_VERSIONS = (FORMAT_VERSION, SPARSE_FORMAT_VERSION, EMBEDDING_FORMAT_VERSION)
 
 
 def csr_rows(crow, nnz):
@@ -105,6 +109,85 @@ class FactorizedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}{sparse}"
 
 
+class FactorizedEmbedding(nn.Module):
+    """Token embedding E ~ A B: `weight` A (vocab x rank) is E P, `up` (dim x rank) is P, the top
+    eigenvectors of the embedding's output covariance on the calibration tokens (LLM-ROM applied to
+    the embedding layer). Keeps the scale a scaled embedding (Gemma's) multiplies its output by.
+
+    A is called `weight` so that Hugging Face's tying of the output layer to the input embedding ties
+    FactorizedHead.weight (also vocab x rank) to it unchanged."""
+
+    def __init__(self, num_embeddings, embedding_dim, rank, padding_idx=None, embed_scale=None, dtype=None,
+                 device=None):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim, self.rank, self.padding_idx = (
+            num_embeddings, embedding_dim, rank, padding_idx)
+        self.weight = nn.Parameter(torch.zeros(num_embeddings, rank, dtype=dtype, device=device))
+        self.up = nn.Linear(rank, embedding_dim, bias=False, dtype=dtype, device=device)
+        self.embed_scale = embed_scale  # a float (a buffer would not be re-initialised after a meta-device load)
+
+    def forward(self, input_ids):
+        x = self.up(nn.functional.embedding(input_ids, self.weight, self.padding_idx))
+        return x if self.embed_scale is None else x * self.embed_scale
+
+    def merged(self):
+        """The (vocab x dim) embedding matrix A B (without the scale), e.g. for a dense export."""
+        return self.weight @ self.up.weight.T
+
+    def extra_repr(self):
+        return f"{self.num_embeddings}, {self.embedding_dim}, rank={self.rank}"
+
+
+class FactorizedHead(nn.Module):
+    """Output layer tied to a FactorizedEmbedding: logits = A (P^T h). `weight` is A, tied to the
+    embedding's; `down` (rank x dim) holds P^T, a copy of the embedding's small `up` factor."""
+
+    def __init__(self, in_features, out_features, rank, dtype=None, device=None):
+        super().__init__()
+        self.in_features, self.out_features, self.rank = in_features, out_features, rank
+        self.weight = nn.Parameter(torch.zeros(out_features, rank, dtype=dtype, device=device))
+        self.down = nn.Linear(in_features, rank, bias=False, dtype=dtype, device=device)
+
+    def forward(self, hidden):
+        return nn.functional.linear(self.down(hidden), self.weight)
+
+    @property
+    def macs(self):
+        """Multiply-accumulates per token of the vocabulary projection (`down` is an nn.Linear)."""
+        return self.weight.numel()
+
+    def extra_repr(self):
+        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
+
+
+def factorize_embedding_modules(model, spec, dtype=None, device=None):
+    """Swap the embedding named in `spec` (and its tied head, if any) for empty factorized modules
+    of `spec["rank"]`, tied like the originals; returns (embedding, head or None)."""
+    old = model.get_submodule(spec["name"])
+    w = old.weight
+    dtype, device = dtype or w.dtype, device if device is not None else w.device
+    emb = FactorizedEmbedding(old.num_embeddings, old.embedding_dim, spec["rank"], old.padding_idx,
+                              _embed_scale(old), dtype=dtype, device=device)
+    replace_module(model, spec["name"], emb)
+    head = None
+    if spec.get("head"):
+        head = FactorizedHead(old.embedding_dim, old.num_embeddings, spec["rank"], dtype=dtype, device=device)
+        head.weight = emb.weight
+        replace_module(model, spec["head"], head)
+    return emb, head
+
+
+def _embed_scale(embedding):
+    """The constant a scaled embedding (Gemma's) multiplies its lookups by, as a float; None if plain."""
+    scale = getattr(embedding, "scalar_embed_scale", None)  # Gemma 3 keeps the float beside its buffer
+    if scale is None and getattr(embedding, "embed_scale", None) is not None:
+        buffer = embedding.embed_scale
+        if buffer.is_meta:
+            raise ValueError(f"cannot read the embedding scale of {type(embedding).__name__} on the meta device")
+        scale = float(buffer)
+    return None if scale is None else float(scale)
+
+
 def replace_module(root, dotted_name, new_module):
     """setattr on the parent of `dotted_name` (PEFT-style replacement by name)."""
     parent_name, _, child = dotted_name.rpartition(".")
@@ -128,6 +211,8 @@ def apply_factorization(model, meta, dtype=None, device=None):
             dtype=dtype or w.dtype, device=device if device is not None else w.device, nnz=spec.get("nnz", 0),
         )
         replace_module(model, name, new)
+    if meta.get("embedding"):
+        factorize_embedding_modules(model, meta["embedding"], dtype=dtype, device=device)
     return model
 
 

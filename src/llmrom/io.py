@@ -20,7 +20,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from . import factorized
 from .errors import LlmromError
-from .factorized import FORMAT_VERSION, SPARSE_FORMAT_VERSION, FactorizedLinear, make_factorized_class
+from .factorized import (EMBEDDING_FORMAT_VERSION, FORMAT_VERSION, SPARSE_FORMAT_VERSION, FactorizedEmbedding,
+                         FactorizedHead, FactorizedLinear, make_factorized_class)
 
 log = logging.getLogger(__name__)
 REPORT_NAME = "llmrom_report.json"
@@ -121,8 +122,15 @@ def factorization_meta(model, method, centered):
     while base.__name__.startswith("Llmrom"):
         base = base.__bases__[0]
     version = SPARSE_FORMAT_VERSION if any("nnz" in v for v in modules.values()) else FORMAT_VERSION
-    return {"format_version": version, "method": method, "centered": centered,
+    meta = {"format_version": version, "method": method, "centered": centered,
             "base_architecture": base.__name__, "modules": modules}
+    emb = {n: m for n, m in model.named_modules() if isinstance(m, FactorizedEmbedding)}
+    if emb:
+        (name, m), = emb.items()
+        heads = [n for n, h in model.named_modules() if isinstance(h, FactorizedHead)]
+        meta["embedding"] = {"name": name, "rank": m.rank, "head": heads[0] if heads else None}
+        meta["format_version"] = EMBEDDING_FORMAT_VERSION
+    return meta
 
 
 def save(model, tokenizer, out_dir, meta, report, overwrite=False, export_dense=False):
@@ -200,6 +208,12 @@ def dense_state_dict(model, meta):
         state[f"{name}.weight"] = w if isinstance(orig, torch.nn.Linear) else w.T.contiguous()  # Conv1D: (in, out)
         if mod.second.bias is not None:
             state[f"{name}.bias"] = mod.second.bias
+    if meta.get("embedding"):  # the merged table; a tied head is the same tensor again, as in the original
+        spec = meta["embedding"]
+        emb = model.get_submodule(spec["name"])
+        for k in [k for k in state if k.startswith((spec["name"] + ".", f"{spec['head']}."))]:
+            del state[k]
+        state[f"{spec['name']}.weight"] = emb.merged()
     return state
 
 

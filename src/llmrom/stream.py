@@ -287,6 +287,9 @@ def _check_explicit_plan(config):
     if config.ranks_file is None and config.last_blocks is None and config.budget is not None and config.budget < 1:
         raise LlmromError("--stream needs --last-blocks N (with --budget or --module-budget) or --ranks-file: the "
                           "automatic choice of N profiles the whole dense model in memory")
+    if config.embedding_budget is not None and config.embedding_budget < 1:
+        raise LlmromError("--stream keeps the token embedding dense (it factorizes blocks only); drop "
+                          "--embedding-budget or compress without --stream")
 
 
 def _sha256(data):
@@ -354,7 +357,7 @@ def compress_streaming(source, out_dir, config, *, resume=False, overwrite=False
         from .textdata import calibration_windows, load_text
         tokens = calibration_windows(tokenizer, load_text(config.calib), config.nsamples, config.seqlen, config.seed)
     opts = loop_options(config, progress)
-    plan, plan_info = choose_plan(skeleton, layout, shapes, before["parameters"], tokens, config, opts)
+    plan, _, plan_info = choose_plan(skeleton, layout, shapes, before["parameters"], tokens, config, opts)
     monitor = monitor or (lambda event, model, resident: None)
 
     part = Partial(out)

@@ -1,0 +1,117 @@
+"""LLM-ROM applied to the token embedding (and the output layer tied to it).
+
+The embedding is a layer like the others: its outputs on the calibration text are the rows E[t] of
+the tokens t that occur, so their (uncentred) covariance is E^T diag(count) E / n, and its top-r
+eigenvectors P give E ~ (E P) P^T, stored as a (vocab x r) table and an (r -> dim) linear. A tied
+output layer shares the table: logits = (E P) (P^T h). Uncentred, because the tied head has no bias
+to restore a mean into.
+
+Why it matters: the block linears are only part of a model. Gemma-3-270M's 262k-token embedding is
+63% of its parameters, SmolLM2-135M's 21%, Qwen2.5-Coder-0.5B's input embedding 22%; a whole-model
+budget met from the blocks alone has to cut them far deeper. The automatic plan (llmrom.autoplan)
+chooses the embedding's share of the cut together with the blocks'.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .errors import LlmromError, NonFiniteError
+from .factorized import FactorizedEmbedding, factorize_embedding_modules
+
+GRID = (0.9, 0.8, 0.7, 0.6, 0.5)  # kept fractions of the embedding's parameters the automatic plan scores
+
+
+@dataclass(frozen=True)
+class EmbeddingShape:
+    name: str  # dotted name of the input embedding
+    head: str | None  # dotted name of the output layer tied to it (factorized with it), or None
+    vocab: int
+    dim: int
+
+    @property
+    def dense_params(self):
+        return self.vocab * self.dim
+
+    def factor_params(self, rank):
+        """The (vocab x r) table and the (r x dim) factor, plus the tied head's own copy of that factor."""
+        return rank * (self.vocab + self.dim) + (rank * self.dim if self.head else 0)
+
+    def removed(self, rank):
+        """Parameters saved at `rank` (0 for None: dense)."""
+        return 0 if rank is None else self.dense_params - self.factor_params(rank)
+
+    def rank_for(self, fraction):
+        """Largest rank whose factors keep at most `fraction` of the embedding's parameters."""
+        return max(1, math.floor(fraction * self.dense_params / (self.vocab + self.dim + (self.dim if self.head else 0))))
+
+    def spec(self, rank):
+        return {"name": self.name, "rank": rank, "head": self.head}
+
+
+def embedding_shape(model):
+    """The EmbeddingShape of `model`'s token embedding, or None when it is not a plain lookup table."""
+    emb = model.get_input_embeddings()
+    if not isinstance(emb, torch.nn.Embedding) or emb.weight.dim() != 2:
+        return None
+    names = {id(m): n for n, m in model.named_modules()}
+    head = model.get_output_embeddings()
+    tied = head is not None and getattr(head, "weight", None) is not None and head.weight is emb.weight
+    if tied and (not isinstance(head, torch.nn.Linear) or head.bias is not None):
+        return None
+    vocab, dim = emb.weight.shape
+    return EmbeddingShape(names[id(emb)], names[id(head)] if tied else None, vocab, dim)
+
+
+def check_embedding_budget(fraction, shape):
+    """The rank for an explicit --embedding-budget, or an error naming the fix."""
+    if shape is None:
+        raise LlmromError("--embedding-budget: this model's token embedding is not a plain lookup table (or its "
+                          "tied output layer has a bias); drop --embedding-budget")
+    rank = shape.rank_for(fraction)
+    if rank >= shape.dim:
+        raise LlmromError(f"--embedding-budget {fraction:g} keeps rank {rank} >= the embedding width {shape.dim}, "
+                          "which saves nothing; give a smaller fraction or 1 to keep it dense")
+    return rank
+
+
+@torch.no_grad()
+def embedding_basis(weight, tokens, top):
+    """(eigenvalues, eigenvectors) of the embedding's output second moment on `tokens`, descending,
+    the first `top` of them, in float64."""
+    counts = torch.bincount(tokens.flatten().cpu(), minlength=weight.shape[0]).to(torch.float64)
+    if counts.numel() > weight.shape[0]:
+        raise LlmromError(f"calibration token id {counts.numel() - 1} is outside the embedding's vocabulary "
+                          f"({weight.shape[0]}); the tokenizer does not belong to this model")
+    used = counts.nonzero().flatten()
+    rows = weight.detach()[used.to(weight.device)].to(device="cpu", dtype=torch.float64)
+    moment = (rows * counts[used, None]).T @ rows / counts.sum()
+    if not torch.isfinite(moment).all():
+        raise NonFiniteError("non-finite values in the token embedding's calibration moments; check the weights")
+    vals, vecs = torch.linalg.eigh(moment)
+    return vals.flip(0)[:top], vecs.flip(1)[:, :top]
+
+
+@torch.no_grad()
+def factorize_embedding(model, shape, tokens, rank):
+    """Replace the embedding (and its tied head) by rank-`rank` factors in place; returns a record."""
+    old = model.get_submodule(shape.name)
+    w = old.weight.detach()
+    vals, vecs = embedding_basis(w, tokens, shape.dim)
+    p = vecs[:, :rank].to(device=w.device, dtype=w.dtype)
+    table = w @ p
+    if not torch.isfinite(table).all():
+        raise NonFiniteError(f"non-finite factors at {shape.name}; check the weights")
+    emb, head = factorize_embedding_modules(model, shape.spec(rank), dtype=w.dtype, device=w.device)
+    emb.weight.copy_(table)
+    emb.up.weight.copy_(p)
+    if head is not None:
+        head.down.weight.copy_(p.T)
+    explained = float(vals[:rank].sum() / vals.clamp_min(0).sum())
+    return {"explained": explained, "parameters_before": shape.dense_params,
+            "parameters_after": shape.factor_params(rank)}
+
+
+def is_factorized(model):
+    return isinstance(model.get_input_embeddings(), FactorizedEmbedding)

@@ -1,0 +1,140 @@
+"""The token embedding (and its tied head) factorized by LLM-ROM, and planned with the blocks."""
+
+import pytest
+import torch
+import transformers
+
+import llmrom
+from llmrom.api import linear_shapes, loop_options
+from llmrom.arch import layout_for
+from llmrom.autoplan import choose_last_n
+from llmrom.config import CompressConfig
+from llmrom.cost import count_params, linear_macs_per_token
+from llmrom.embedding import embedding_basis, embedding_shape, factorize_embedding
+from llmrom.errors import LlmromError
+from llmrom.factorized import FactorizedEmbedding, FactorizedHead
+from llmrom.ranks import feasible_last_n
+
+from conftest import TinyTokenizer, calib_tokens, tiny_model
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def test_full_rank_factors_reproduce_the_model(family):
+    """Rank = width: E P P^T = E, so logits are unchanged (Gemma's embedding scale, GPT-2's position
+    embeddings and tied heads included); the tie survives as one shared table."""
+    model = tiny_model(family)
+    ids = calib_tokens(2, 12, seed=3)
+    ref = logits(model, ids)
+    shape = embedding_shape(model)
+    tied = shape.head is not None
+    factorize_embedding(model, shape, calib_tokens(), shape.dim)
+    assert isinstance(model.get_input_embeddings(), FactorizedEmbedding)
+    assert isinstance(model.get_output_embeddings(), FactorizedHead) == tied
+    if tied:
+        assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    torch.testing.assert_close(logits(model, ids), ref, atol=1e-4, rtol=1e-4)
+
+
+def test_the_basis_is_the_calibration_weighted_optimum():
+    """The rank-r projection's error on the calibration tokens' rows is the sum of the dropped
+    eigenvalues, and lower than plain SVD's top-r right singular vectors of the whole table."""
+    torch.manual_seed(0)
+    weight = torch.randn(300, 32, dtype=torch.float64) @ torch.diag(torch.linspace(1, 3, 32, dtype=torch.float64))
+    tokens = torch.randint(0, 40, (8, 64))  # only 40 of 300 tokens occur
+    vals, vecs = embedding_basis(weight, tokens, 32)
+    rows = weight[tokens.flatten()]
+    r = 12
+    err = ((rows - rows @ vecs[:, :r] @ vecs[:, :r].T) ** 2).sum(1).mean()
+    torch.testing.assert_close(err, vals[r:].sum())
+    svd = torch.linalg.svd(weight, full_matrices=False)[2][:r].T
+    assert err < ((rows - rows @ svd @ svd.T) ** 2).sum(1).mean()
+
+
+@pytest.mark.parametrize("family_name", ["llama", "qwen2", "gemma3"])
+def test_explicit_embedding_budget_meets_the_budget_and_round_trips(family_name, tmp_path):
+    model = tiny_model(family_name)
+    total = count_params(model)
+    shape = embedding_shape(model)
+    cfg = CompressConfig(budget=0.8, embedding_budget=0.6, nsamples=12, seqlen=16, batch_size=4)
+    model, report = llmrom.compress(model, TinyTokenizer(), cfg, tokens=calib_tokens(), progress=False)
+    emb = report["plan"]["embedding"]
+    assert emb["rank"] == shape.rank_for(0.6) < shape.dim and emb["head"] == shape.head
+    assert emb["parameters_after"] == shape.factor_params(emb["rank"]) <= 0.6 * shape.dense_params
+    assert report["totals"]["parameters_after"] == count_params(model) <= 0.8 * total
+    ids = calib_tokens(2, 12, seed=5)
+    ref = logits(model, ids)
+    out = llmrom.save(model, TinyTokenizer(), tmp_path / "m", report)
+    loaded, _ = llmrom.load(out)
+    assert isinstance(loaded.get_input_embeddings(), FactorizedEmbedding)
+    if shape.head:
+        assert loaded.get_output_embeddings().weight is loaded.get_input_embeddings().weight
+    assert count_params(loaded) == count_params(model)
+    assert torch.equal(logits(loaded, ids), ref)
+
+
+def test_dense_export_merges_the_embedding(tmp_path):
+    model = tiny_model("llama")
+    cfg = CompressConfig(budget=0.9, embedding_budget=0.5, centered=False, nsamples=12, seqlen=16, batch_size=4)
+    model, report = llmrom.compress(model, TinyTokenizer(), cfg, tokens=calib_tokens(), progress=False)
+    ids = calib_tokens(2, 12, seed=5)
+    ref = logits(model, ids)
+    out = llmrom.save(model, TinyTokenizer(), tmp_path / "d", report, export_dense=True)
+    plain = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    assert type(plain.get_input_embeddings()) is torch.nn.Embedding
+    assert plain.lm_head.weight is plain.get_input_embeddings().weight  # still tied, like the original
+    torch.testing.assert_close(logits(plain, ids), ref, atol=1e-4, rtol=1e-4)
+
+
+def test_factorized_head_counts_its_macs():
+    model = tiny_model("llama")
+    before = linear_macs_per_token(model)
+    shape = embedding_shape(model)
+    rank = 16
+    factorize_embedding(model, shape, calib_tokens(), rank)
+    # the head's V x d becomes d x r + r x V; the embedding adds its r -> d linear
+    assert linear_macs_per_token(model) == before - shape.vocab * shape.dim + 2 * rank * shape.dim + rank * shape.vocab
+
+
+def test_automatic_plan_scores_embedding_shares_and_restores_the_weights():
+    model = tiny_model("llama")
+    layout = layout_for(model)
+    shapes = linear_shapes(model, layout, False)
+    total, budget, n_blocks = count_params(model), 0.85, 2
+    dense = {k: v.clone() for k, v in model.state_dict().items()}
+    opts = loop_options(CompressConfig(budget=budget, batch_size=4), progress=False)
+    (rank, last_n, b), info = choose_last_n(model, layout, shapes, n_blocks, feasible_last_n(budget, total, shapes, 2),
+                                            calib_tokens(16, 16), opts, n_profile=8, n_eval=8,
+                                            embedding=embedding_shape(model), total=total, budget=budget)
+    ranks = {c["embedding_rank"] for c in info["candidates"]}
+    assert None in ranks and len(ranks) > 1  # the dense embedding and some factorized shares were scored
+    best = min(info["candidates"], key=lambda c: c["proxy_calib_loss"])
+    assert (rank, last_n, b) == (best["embedding_rank"], best["last_blocks"], best["module_budget"])
+    assert all(torch.equal(v, dense[k]) for k, v in model.state_dict().items())
+
+
+def test_default_compress_meets_the_budget_whatever_it_chooses():
+    model = tiny_model("gemma3")
+    total = count_params(model)
+    cfg = CompressConfig(budget=0.8, nsamples=16, seqlen=16, batch_size=4)
+    model, report = llmrom.compress(model, TinyTokenizer(), cfg, tokens=calib_tokens(16, 16), progress=False)
+    assert "embedding_rank" in report["plan"]["auto"]["candidates"][0]
+    assert count_params(model) == report["totals"]["parameters_after"] <= 0.8 * total
+    assert isinstance(model.get_input_embeddings(), FactorizedEmbedding) == ("embedding" in report["plan"])
+
+
+def test_bad_embedding_input_is_refused_by_name(tmp_path, tiny_folder):
+    with pytest.raises(LlmromError, match="--embedding-budget must be in"):
+        CompressConfig(budget=0.8, embedding_budget=1.5)
+    model = tiny_model("llama")
+    cfg = CompressConfig(budget=0.9, embedding_budget=0.7, nsamples=12, seqlen=16, batch_size=4)
+    model, _ = llmrom.compress(model, TinyTokenizer(), cfg, tokens=calib_tokens(), progress=False)
+    with pytest.raises(LlmromError, match="already compressed"):
+        llmrom.compress(model, TinyTokenizer(), cfg, tokens=calib_tokens(), progress=False)
+    from llmrom.stream import compress_streaming
+    with pytest.raises(LlmromError, match="--stream keeps the token embedding dense"):
+        compress_streaming(str(tiny_folder), tmp_path / "out", CompressConfig(last_blocks=1, module_budget=0.5,
+                                                                           embedding_budget=0.5))
