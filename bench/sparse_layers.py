@@ -99,7 +99,7 @@ def main(argv=None):
     model, tok = llmrom.load_model(args.model)
     layers = find_blocks(model)[1]
     n_blocks = len(layers)
-    ref = Path(args.results) / "runs" / f"{name}_{args.budget:g}_rom.json"
+    ref = Path(args.results) / "runs" / f"{name}_{args.budget:g}_{run.REFERENCE}.json"
     if args.module_budget is None and not ref.exists():
         raise SystemExit(f"{ref} not found: run bench/run.py for this model and budget first, or give --module-budget")
     plan = json.loads(ref.read_text())["plan"] if ref.exists() else {"last_blocks": n_blocks // 2}

@@ -4,8 +4,8 @@
     python bench/speed.py --model gemma3-270m --budget 0.9 --variants rom,rom-uncentred
 
 Each variant of bench/run.py is compressed from a fresh copy of the dense weights with the
-benchmark's calibration (pydoc, 128 x 128, seed 0) on the same last N blocks as the benchmark's rom
-run (bench/results/runs/<model>_<budget>_rom.json), then llmrom.speed measures prefill (batch 1 x
+benchmark's calibration (pydoc, 128 x 128, seed 0) on the same last N blocks as the benchmark's rom-blocks
+run (bench/results/runs/<model>_<budget>_rom-blocks.json), then llmrom.speed measures prefill (batch 1 x
 512) and greedy decoding (32 tokens with KV cache) for the dense model and every variant, round by
 round interleaved, median of --rounds. Quote the ratios: they are measured side by side; absolute
 tokens/s depend on the machine and on what else runs on it. Run it alone on the machine.

@@ -138,3 +138,14 @@ def test_bad_embedding_input_is_refused_by_name(tmp_path, tiny_folder):
     with pytest.raises(LlmromError, match="--stream keeps the token embedding dense"):
         compress_streaming(str(tiny_folder), tmp_path / "out", CompressConfig(last_blocks=1, module_budget=0.5,
                                                                            embedding_budget=0.5))
+
+
+def test_cli_plan_line_names_the_embedding():
+    from llmrom.cli import _plan_line
+    emb = {"name": "model.embed_tokens", "rank": 433, "head": "lm_head", "kept": 0.6766}
+    alone = {"policy": "last-blocks (automatic)", "last_blocks": 0, "module_budget": None, "embedding": emb}
+    assert _plan_line(alone) == ("last-blocks (automatic): every block dense; token embedding and tied head at "
+                                 "rank 433 (keeps 0.68)")
+    both = {**alone, "last_blocks": 3, "module_budget": 0.5}
+    assert _plan_line(both).startswith("last-blocks (automatic): last 3 blocks at module budget 0.5000; token")
+    assert _plan_line({"policy": "ranks-file"}) == "ranks-file"

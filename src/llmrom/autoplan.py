@@ -167,18 +167,24 @@ def _score_last_n(proxy, shapes, n_blocks, candidates, progress, **extra):
 
 
 def _embedding_options(emb, total, budget, shapes, n_blocks, candidates, k):
-    """{embedding rank or None (dense): the blocks' (N, b) candidates for the rest of the budget}."""
+    """{embedding rank or None (dense): the blocks' (N, b) candidates for the rest of the budget}.
+
+    Each kept fraction of embedding.GRID gets a few (N, b); once the embedding alone can meet the
+    budget, its largest rank that does is the last option (N = 0): smaller ones would cut more than asked."""
     options = {None: thin(candidates, k)} if candidates else {}
     for fraction in (EMBEDDING_GRID if emb is not None else ()):
         rank = emb.rank_for(fraction)
         if rank >= emb.dim:
             continue
         rest = (budget * total + emb.removed(rank)) / total
-        blocks = [(0, None)] if rest >= 1 else thin(feasible_last_n(rest, total, shapes, n_blocks), max(2, k // 2))
+        if rest >= 1:
+            while emb.removed(rank + 1) >= total - budget * total:
+                rank += 1
+            options[rank] = [(0, None)]
+            break
+        blocks = thin(feasible_last_n(rest, total, shapes, n_blocks), max(3, k // 3))
         if blocks:
             options[rank] = blocks
-        if rest >= 1:
-            break  # a smaller embedding would only cut more than the budget asks
     return options
 
 

@@ -131,9 +131,15 @@ def cmd_compress(args):
 
 
 def _plan_line(plan):
-    if "last_blocks" in plan:
-        return f"{plan['policy']}: last {plan['last_blocks']} blocks at module budget {plan['module_budget']:.4f}"
-    return plan["policy"]
+    line = plan["policy"]
+    if plan.get("last_blocks"):
+        line += f": last {plan['last_blocks']} blocks at module budget {plan['module_budget']:.4f}"
+    elif "last_blocks" in plan:
+        line += ": every block dense"
+    emb = plan.get("embedding")
+    if emb:
+        line += f"; token embedding{' and tied head' if emb['head'] else ''} at rank {emb['rank']} (keeps {emb['kept']:.2f})"
+    return line
 
 
 def cmd_info(args):

@@ -20,7 +20,7 @@ import torch
 from .errors import LlmromError, NonFiniteError
 from .factorized import FactorizedEmbedding, factorize_embedding_modules
 
-GRID = (0.9, 0.8, 0.7, 0.6, 0.5)  # kept fractions of the embedding's parameters the automatic plan scores
+GRID = (0.9, 0.8, 0.7, 0.6, 0.5, 0.4)  # kept fractions of the embedding's parameters the automatic plan scores
 
 
 @dataclass(frozen=True)
