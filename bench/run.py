@@ -169,12 +169,14 @@ def run_model(model_name, args, out):
     total, shapes = count_params(dense), linear_shapes(dense, layout_for(dense), True)
     for budget in [float(b) for b in args.budgets.split(",")]:
         last_n = args.last_blocks
+        variants = args.variants.split(",")
         try:
             check_budget(budget, total, shapes)
         except LlmromError as e:  # e.g. Gemma-3-270M at 0.5: its embeddings alone are 63% of the model
-            print(f"{name} budget {budget:g}: skipped, {e}", flush=True)
-            continue
-        for variant in args.variants.split(","):
+            variants = [v for v in variants if v == "rom"]  # the default can cut the embedding too
+            print(f"{name} budget {budget:g}: skipped, {e}" + (" (rom, which can cut the embedding, is tried)"
+                                                                if variants else ""), flush=True)
+        for variant in variants:
             path = out / f"{name}_{budget:g}_{variant}.json"
             if path.exists() and not args.force:
                 if same_blocks(variant):
@@ -193,7 +195,11 @@ def run_model(model_name, args, out):
             model = copy.deepcopy(dense)
             reset_peak_rss()
             t1 = time.perf_counter()
-            model, report = llmrom.compress(model, tok, cfg, tokens=tokens, progress=sys.stderr.isatty())
+            try:
+                model, report = llmrom.compress(model, tok, cfg, tokens=tokens, progress=sys.stderr.isatty())
+            except LlmromError as e:  # a budget not even the embedding's share reaches
+                print(f"{name} budget {budget:g} {variant}: skipped, {e}", flush=True)
+                continue
             seconds, rss = time.perf_counter() - t1, peak_rss_bytes()
             if same_blocks(variant):
                 last_n = last_n or report["plan"]["last_blocks"]

@@ -215,8 +215,7 @@ def choose_last_n(model, layout, shapes, n_blocks, candidates, tokens, opts, n_p
                     proxy.refresh()
                     table += _score_last_n(proxy, shapes, n_blocks, blocks, opts.progress, embedding_rank=rank)
         finally:
-            w.data = dense
-            proxy.refresh()
+            w.data = dense  # the proxy is discarded: its cached inputs need no refresh
     best = min(table, key=lambda r: r["proxy_calib_loss"])
     info = {"criterion": "calibration loss of the non-sequential ROM projection", "profile_windows": len(profile),
             "scored_windows": len(held), "candidates": table, "from_cached_block_inputs": proxy.inputs is not None,
