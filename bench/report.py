@@ -23,6 +23,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))  # bench/ablate.py, also when this file is loaded by path (tests)
+import run  # noqa: E402
 BEGIN, END = "<!-- results:begin (bench/report.py writes this) -->", "<!-- results:end -->"
 
 
@@ -125,7 +126,7 @@ def target_table(by_model):
 
 # rom-blocks (the last N blocks, embedding dense) with one option changed; rom adds the embedding to the plan
 OPTIONS = ("rom", "rom-uncentred", "rom-nonseq", "rom-correct", "rom-sparse", "rom-sparse-lean")
-REFERENCE = "rom-blocks"
+REFERENCE = run.REFERENCE  # the last N blocks alone; the same-blocks variants use its N
 
 
 def options_table(by_model):
@@ -205,7 +206,7 @@ def plot_ppl(by_model, path):
 
 def plot_ranks(model, runs, path):
     fig, ax = plt.subplots(figsize=(10, 3.5))
-    for r in sorted((r for r in runs if r["variant"] == "rom"), key=_order):
+    for r in sorted((r for r in runs if r["variant"] == REFERENCE), key=_order):
         xs, per_block = [], defaultdict(list)
         for m in r["modules"]:
             per_block[_block_of(m["name"])].append(m)
@@ -213,7 +214,7 @@ def plot_ranks(model, runs, path):
             xs += [b + j / len(mods) for j in range(len(mods))]
         ax.plot(xs, [m["rank"] or 0 for ms in per_block.values() for m in ms], marker=".", lw=0.8,
                 label=f"budget {r['budget']:g}")
-    ax.set(title=f"{model}: rank per compressed linear (default variant; 0 = kept dense)",
+    ax.set(title=f"{model}: rank per compressed linear ({REFERENCE}; 0 = kept dense)",
            xlabel="block (linears of a block in execution order within it)", ylabel="rank")
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -228,7 +229,7 @@ def _block_of(name):
 
 def plot_explained(model, runs, path):
     from llmrom.pipeline import CURVE_FRACTIONS
-    r = max((r for r in runs if r["variant"] == "rom"), key=lambda r: len(r["modules"]), default=None)
+    r = max((r for r in runs if r["variant"] == REFERENCE), key=lambda r: len(r["modules"]), default=None)
     if r is None:
         return False
     kinds = defaultdict(list)
@@ -294,7 +295,7 @@ def main(argv=None):
                   options, ""]
     for model, runs in sorted(by_model.items()):
         parts += [table(model, runs), ""]
-        if any(r["variant"] == "rom" for r in runs):
+        if any(r["variant"] == REFERENCE for r in runs):
             plot_ranks(model, runs, out / f"ranks_{model}.png")
             plot_explained(model, runs, out / f"explained_{model}.png")
             parts += [f"![ranks]({'bench/results/'}ranks_{model}.png) "

@@ -149,3 +149,18 @@ def test_cli_plan_line_names_the_embedding():
     both = {**alone, "last_blocks": 3, "module_budget": 0.5}
     assert _plan_line(both).startswith("last-blocks (automatic): last 3 blocks at module budget 0.5000; token")
     assert _plan_line({"policy": "ranks-file"}) == "ranks-file"
+
+
+def test_a_budget_below_the_blocks_floor_is_reached_through_the_embedding():
+    from llmrom.ranks import smallest_reachable
+    model = tiny_model("gemma3")
+    total = count_params(model)
+    floor = smallest_reachable(total, linear_shapes(model, layout_for(model), True))
+    cfg = CompressConfig(budget=round(floor - 0.02, 3), nsamples=16, seqlen=16, batch_size=4)
+    compressed, report = llmrom.compress(tiny_model("gemma3"), TinyTokenizer(), cfg, tokens=calib_tokens(16, 16),
+                                         progress=False)
+    assert "embedding" in report["plan"] and count_params(compressed) <= cfg.budget * total
+    with pytest.raises(LlmromError, match=r"budget 0.01 cannot be reached: even with every block linear at rank 1 "
+                                          r"and the token embedding at rank \d+"):
+        llmrom.compress(model, TinyTokenizer(), CompressConfig(budget=0.01, nsamples=16, seqlen=16),
+                        tokens=calib_tokens(16, 16), progress=False)

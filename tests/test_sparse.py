@@ -238,7 +238,7 @@ def test_module_forward_equals_the_dense_reconstruction():
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_save_load_round_trip_gives_identical_logits(family, tmp_path):
-    model, report, tokens = compress_tiny(family, budget=0.9, sparse=0.25)
+    model, report, tokens = compress_tiny(family, budget=0.9, sparse=0.25, embedding_budget=1.0)
     with torch.no_grad():
         ref = model(tokens).logits
     out = llmrom.save(model, None, tmp_path / "out", report)
@@ -270,15 +270,15 @@ def test_dense_export_merges_the_sparse_part(tmp_path):
 
 
 def test_without_sparse_the_folder_stays_format_1(tmp_path):
-    model, report, _ = compress_tiny("llama", budget=0.9)
+    model, report, _ = compress_tiny("llama", budget=0.9, embedding_budget=1.0)
     out = llmrom.save(model, None, tmp_path / "out", report)
     meta = json.loads((out / "config.json").read_text())["llmrom"]
     assert meta["format_version"] == 1 and not any("nnz" in v for v in meta["modules"].values())
 
 
 def test_unknown_format_is_refused():
-    with pytest.raises(ValueError, match="format_version 3"):
-        apply_factorization(tiny_model("llama"), {"format_version": 3, "modules": {}})
+    with pytest.raises(ValueError, match="format_version 4"):
+        apply_factorization(tiny_model("llama"), {"format_version": 4, "modules": {}})
 
 
 def test_streaming_equals_in_memory_with_sparse(tmp_path):

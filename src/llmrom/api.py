@@ -59,9 +59,10 @@ def choose_plan(model, layout, shapes, total, tokens, cfg, opts):
         automatic = automatic and budget < 1
     elif cfg.embedding_budget is not None or not automatic:
         emb = None  # dense: asked for, or a plan the embedding does not take part in
-    if budget is not None:
-        floor_gain = emb.removed(emb.rank_for(min(EMBEDDING_GRID))) if automatic and emb is not None else 0
-        check_budget(min(1.0, budget + floor_gain / total), total, shapes)
+    if cfg.budget is not None:  # the embedding at its asked-for rank, or the smallest the automatic plan tries
+        rank = emb_rank or (emb.rank_for(min(EMBEDDING_GRID)) if emb is not None else None)
+        cut = emb.removed(rank) if rank else 0
+        check_budget(cfg.budget, total, shapes, cut, f" and the token embedding at rank {rank}" if cut else "")
     if cfg.last_blocks is not None:
         check_last_blocks(cfg.last_blocks, n_blocks)
     if cfg.policy != "last-blocks" and budget < 1:

@@ -93,14 +93,16 @@ def smallest_reachable(total, shapes):
     return kept_params(total, shapes, {s.name: 1 for s in shapes}) / total
 
 
-def check_budget(budget, total, shapes):
+def check_budget(budget, total, shapes, embedding_cut=0, embedding_note=""):
+    """Refuse a budget below the smallest reachable one; `embedding_cut` parameters more can be removed
+    by factorizing the token embedding (`embedding_note` says how, for the message)."""
     if not 0 < budget <= 1:
         raise LlmromError(f"--budget must be in (0, 1] (fraction of parameters kept), got {budget}")
-    floor = smallest_reachable(total, shapes)
+    floor = smallest_reachable(total, shapes) - embedding_cut / total
     if budget < floor:
         raise LlmromError(
-            f"budget {budget:g} cannot be reached: even with every block linear at rank 1 the model keeps "
-            f"{floor:.4f} of its parameters (embeddings, norms, head); the smallest reachable is "
+            f"budget {budget:g} cannot be reached: even with every block linear at rank 1{embedding_note} the "
+            f"model keeps {floor:.4f} of its parameters (embeddings, norms, head); the smallest reachable is "
             f"--budget {math.ceil(floor * 1000) / 1000:g}"
         )
 
