@@ -1,10 +1,11 @@
 """The paper's calibration ablations with our tool: number of windows, window length, source.
 
-    python bench/ablate.py                       # SmolLM2, budget 0.8, the last N blocks of the benchmark's rom-blocks run
+    python bench/ablate.py                       # SmolLM2, budget 0.8, the benchmark's rom-blocks N
     python bench/ablate.py --model gemma3-270m --budget 0.9
 
-Every setting compresses the same last N blocks (taken from bench/results/runs/<model>_<budget>_rom-blocks.json,
-or --last-blocks) with the default method on the blocks (embedding dense) at the same whole-model budget, and is evaluated with the
+Every setting compresses the same last N blocks (taken from
+bench/results/runs/<model>_<budget>_rom-blocks.json, or --last-blocks) with the default method on the
+blocks (embedding dense) at the same whole-model budget, and is evaluated with the
 benchmark's protocol (bench/run.py). One setting changes at a time from the benchmark's (128 windows
 x 128 tokens of pydoc): windows 32/128/512 (the paper's), window length 32/64/128 at 128 windows,
 and the calibration source (pydoc topics, the library reference, the language reference; all

@@ -14,7 +14,8 @@ against the dense model; speed (off by default) interleaved with the dense model
 For each budget the rom-blocks variant (the default before the embedding took part) picks the number
 of compressed blocks N automatically; the default rom chooses N together with the token embedding's
 share of the cut (llmrom.embedding); every other variant compresses rom-blocks' N blocks, embedding
-dense, with its module budget solved to meet the same whole-model budget, so rows of one budget differ only in the method (except svd-llm, which keeps
+dense, with its module budget solved to meet the same whole-model budget, so rows of one budget
+differ only in the method (except svd-llm, which keeps
 SVD-LLM's own policy, one ratio for every matrix of every block, and the rank-policy variants
 rom-welore and rom-global, which spread the budget over all blocks their own way). Each run starts from a fresh
 copy of the dense weights. Runs whose file exists are skipped, so an interrupted benchmark resumes.

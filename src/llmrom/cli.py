@@ -30,8 +30,9 @@ def _add_config_options(p):
         if isinstance(default, bool):
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
         else:
-            kind = {"budget": float, "module_budget": float, "embedding_budget": float, "last_blocks": int, "nsamples": int,
-                    "seqlen": int, "seed": int, "batch_size": int, "sparse": float, "sparse_rounds": int}.get(name, str)
+            kind = {"budget": float, "module_budget": float, "embedding_budget": float, "last_blocks": int,
+                    "nsamples": int, "seqlen": int, "seed": int, "batch_size": int, "sparse": float,
+                    "sparse_rounds": int}.get(name, str)
             p.add_argument(flag, type=kind, default=default,
                            help=f"{help_text} (default: {default})" if default is not None else help_text)
 
@@ -138,7 +139,8 @@ def _plan_line(plan):
         line += ": every block dense"
     emb = plan.get("embedding")
     if emb:
-        line += f"; token embedding{' and tied head' if emb['head'] else ''} at rank {emb['rank']} (keeps {emb['kept']:.2f})"
+        head = " and tied head" if emb["head"] else ""
+        line += f"; token embedding{head} at rank {emb['rank']} (keeps {emb['kept']:.2f})"
     return line
 
 

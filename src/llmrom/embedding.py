@@ -44,7 +44,8 @@ class EmbeddingShape:
 
     def rank_for(self, fraction):
         """Largest rank whose factors keep at most `fraction` of the embedding's parameters."""
-        return max(1, math.floor(fraction * self.dense_params / (self.vocab + self.dim + (self.dim if self.head else 0))))
+        per_rank = self.vocab + self.dim + (self.dim if self.head else 0)
+        return max(1, math.floor(fraction * self.dense_params / per_rank))
 
     def spec(self, rank):
         return {"name": self.name, "rank": rank, "head": self.head}
