@@ -45,7 +45,7 @@ def test_the_basis_is_the_calibration_weighted_optimum():
     torch.manual_seed(0)
     weight = torch.randn(300, 32, dtype=torch.float64) @ torch.diag(torch.linspace(1, 3, 32, dtype=torch.float64))
     tokens = torch.randint(0, 40, (8, 64))  # only 40 of 300 tokens occur
-    vals, vecs = embedding_basis(weight, tokens, 32)
+    vals, vecs = embedding_basis(weight, tokens)
     rows = weight[tokens.flatten()]
     r = 12
     err = ((rows - rows @ vecs[:, :r] @ vecs[:, :r].T) ** 2).sum(1).mean()

@@ -89,8 +89,7 @@ def choose_plan(model, layout, shapes, total, tokens, cfg, opts):
         emb_rank = emb_rank if rank is None else rank
         plan = last_blocks_plan(shapes, n_blocks, last_n, b) if last_n else {}
         info = {"policy": "last-blocks (automatic)", "last_blocks": last_n, "module_budget": b, "auto": auto}
-    if emb_rank is not None:
-        emb = emb or embedding_shape(model)
+    if emb_rank is not None:  # emb is set: an asked-for rank needs it, and so does the automatic choice
         info["embedding"] = {**emb.spec(emb_rank), "kept": emb.factor_params(emb_rank) / emb.dense_params}
     kept = kept_params(total, shapes, plan) - (emb.removed(emb_rank) if emb_rank is not None else 0)
     if cfg.budget is not None and kept > cfg.budget * total:

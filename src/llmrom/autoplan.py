@@ -79,6 +79,7 @@ class ProjectionProxy:
                     self.out_mean[name] = (w64 @ m.mean()).to(device=w.device, dtype=w.dtype)
             del moments
         self.blocks = model.get_submodule(layout.blocks_path)
+        self.inputs = []  # cached by refresh(); None once they prove unusable
         self.refresh()
         if self.inputs is not None:  # from a middle block, the dense model must give the full forward's loss
             if not math.isclose(self._loss_from(len(self.blocks) // 2), self.dense_loss, rel_tol=1e-5):
@@ -88,7 +89,7 @@ class ProjectionProxy:
     def refresh(self):
         """Loss and cached block inputs of the model as it is now (after the embedding was edited)."""
         self.dense_loss = mean_nll(self.model, self.held)
-        if getattr(self, "inputs", True) is not None:
+        if self.inputs is not None:
             self.inputs = self._block_inputs()
 
     def _block_inputs(self):
@@ -207,7 +208,7 @@ def choose_last_n(model, layout, shapes, n_blocks, candidates, tokens, opts, n_p
     if any(r is not None for r in options):
         w = model.get_submodule(embedding.name).weight
         dense = w.data
-        vecs = embedding_basis(dense, profile, embedding.dim)[1].to(device=dense.device, dtype=dense.dtype)
+        vecs = embedding_basis(dense, profile)[1].to(device=dense.device, dtype=dense.dtype)
         try:
             for rank, blocks in options.items():
                 if rank is not None:

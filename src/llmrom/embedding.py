@@ -44,8 +44,7 @@ class EmbeddingShape:
 
     def rank_for(self, fraction):
         """Largest rank whose factors keep at most `fraction` of the embedding's parameters."""
-        per_rank = self.vocab + self.dim + (self.dim if self.head else 0)
-        return max(1, math.floor(fraction * self.dense_params / per_rank))
+        return max(1, math.floor(fraction * self.dense_params / self.factor_params(1)))
 
     def spec(self, rank):
         return {"name": self.name, "rank": rank, "head": self.head}
@@ -78,9 +77,9 @@ def check_embedding_budget(fraction, shape):
 
 
 @torch.no_grad()
-def embedding_basis(weight, tokens, top):
+def embedding_basis(weight, tokens):
     """(eigenvalues, eigenvectors) of the embedding's output second moment on `tokens`, descending,
-    the first `top` of them, in float64."""
+    in float64."""
     counts = torch.bincount(tokens.flatten().cpu(), minlength=weight.shape[0]).to(torch.float64)
     if counts.numel() > weight.shape[0]:
         raise LlmromError(f"calibration token id {counts.numel() - 1} is outside the embedding's vocabulary "
@@ -91,7 +90,7 @@ def embedding_basis(weight, tokens, top):
     if not torch.isfinite(moment).all():
         raise NonFiniteError("non-finite values in the token embedding's calibration moments; check the weights")
     vals, vecs = torch.linalg.eigh(moment)
-    return vals.flip(0)[:top], vecs.flip(1)[:, :top]
+    return vals.flip(0), vecs.flip(1)
 
 
 @torch.no_grad()
@@ -99,7 +98,7 @@ def factorize_embedding(model, shape, tokens, rank):
     """Replace the embedding (and its tied head) by rank-`rank` factors in place; returns a record."""
     old = model.get_submodule(shape.name)
     w = old.weight.detach()
-    vals, vecs = embedding_basis(w, tokens, shape.dim)
+    vals, vecs = embedding_basis(w, tokens)
     p = vecs[:, :rank].to(device=w.device, dtype=w.dtype)
     table = w @ p
     if not torch.isfinite(table).all():
