@@ -89,7 +89,7 @@ BASELINES = ("svd", "svd-llm", "rom-uncentred")  # issue 4's item 1: weight SVD,
 
 
 # llmrom's configurations: the default and its options
-OURS = ("rom", "rom-blocks", "rom-correct", "rom-sparse", "rom-sparse50", "rom-sparse-lean", "rom-welore",
+OURS = ("rom", "rom-pair", "rom-blocks", "rom-interp", "rom-correct", "rom-sparse", "rom-sparse50", "rom-sparse-lean", "rom-welore",
         "rom-welore-sparse", "rom-global", "rom-loss", "rom-loss-nonseq")
 
 
@@ -124,8 +124,9 @@ def target_table(by_model):
     return "\n".join(lines) if len(lines) > 2 else ""
 
 
-# rom-blocks (the last N blocks, embedding dense) with one option changed; rom adds the embedding to the plan
-OPTIONS = ("rom", "rom-uncentred", "rom-nonseq", "rom-correct", "rom-sparse", "rom-sparse-lean")
+# rom-blocks (the last N blocks, embedding dense, factor pairs) with one option changed; rom-pair adds the
+# embedding to the plan, rom both that and the interpolative factors
+OPTIONS = ("rom", "rom-pair", "rom-interp", "rom-uncentred", "rom-nonseq", "rom-correct", "rom-sparse", "rom-sparse-lean")
 REFERENCE = run.REFERENCE  # the last N blocks alone; the same-blocks variants use its N
 
 
@@ -289,9 +290,11 @@ def main(argv=None):
                   f"llmrom's option variants that ran ({', '.join(OURS[1:])}).", "", targets, ""]
     options = options_table(by_model)
     if options:
-        parts += ["The last N blocks alone (rom-blocks, the default before the embedding took part) against itself "
-                  "with one option changed (same blocks, same whole-model budget), and against the default rom, "
-                  "which plans the token embedding's share of the cut with N: above 1 rom-blocks is better.", "",
+        parts += ["The last N blocks alone in factor pairs (rom-blocks, the default before the embedding and the "
+                  "interpolative form took part) against itself with one option changed (same blocks, same "
+                  "whole-model budget; rom-interp stores the factors in the interpolative form), against rom-pair, "
+                  "which plans the token embedding's share of the cut with N, and against the default rom, which "
+                  "does both: above 1 rom-blocks is better.", "",
                   options, ""]
     for model, runs in sorted(by_model.items()):
         parts += [table(model, runs), ""]

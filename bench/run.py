@@ -44,24 +44,28 @@ from llmrom.textdata import calibration_windows, load_text, tokens_sha256
 RESULTS = Path(__file__).parent / "results"
 MODELS = ("smollm2-135m", "gemma3-270m", "qwen2.5-coder-0.5b")
 BUDGETS = (0.9, 0.8, 0.7, 0.5)
+PAIR = {"factors": "pair"}  # the paper's factor form; every variant but rom and rom-interp keeps it, as its rows were
 VARIANTS = {  # name: CompressConfig fields that differ from the defaults
-    # the previous default and the reference N of the same-blocks variants: the last N blocks only
-    "rom-blocks": {"embedding_budget": 1.0},
-    "rom": {},  # the shipped default: centred, sequential output PCA; embedding's share of the cut chosen with N
-    "rom-uncentred": {"centered": False},  # the paper's own form
-    "rom-nonseq": {"sequential": False},  # calibrated on the dense model's activations
-    "svd": {"method": "svd", "centered": False, "sequential": False},  # data-free weight SVD baseline
+    # the default before the embedding and the interpolative form, and the reference N of the same-blocks
+    # variants: the last N blocks only
+    "rom-blocks": {"embedding_budget": 1.0, **PAIR},
+    "rom": {},  # the shipped default: interpolative factors; embedding's share of the cut chosen with N
+    "rom-pair": PAIR,  # the default before the interpolative form: embedding planned with N, factor pairs
+    "rom-interp": {"factors": "interpolative"},  # rom-blocks' blocks and ranks' budget, interpolative factors
+    "rom-uncentred": {"centered": False, **PAIR},  # the paper's own form
+    "rom-nonseq": {"sequential": False, **PAIR},  # calibrated on the dense model's activations
+    "svd": {"method": "svd", "centered": False, "sequential": False, **PAIR},  # data-free weight SVD baseline
     # SVD-LLM (W): whitened SVD, the same ratio for every matrix of every block, dense activations
-    "svd-llm": {"method": "whitened_svd", "centered": False, "sequential": False, "last_blocks": "all"},
-    "rom-correct": {"correct": True},  # calibrated toward the dense model's outputs (methods.rom_corrected)
-    "rom-sparse": {"sparse": 0.25},  # a quarter of each module's budget to a sparse residual (llmrom.sparse)
-    "rom-sparse50": {"sparse": 0.5},  # half of it
-    "rom-sparse-lean": {"sparse": 0.25, "sparse_modules": "lean"},  # not on down_proj: its memory stays as rom's
-    "rom-welore": {"policy": "welore"},  # ROM with WeLore's spectrum-based ranks over all blocks
-    "rom-welore-sparse": {"policy": "welore", "sparse": 0.25},  # those ranks plus the sparse residual
-    "rom-global": {"policy": "global"},  # ROM with data-aware ranks over all blocks
-    "rom-loss": {"policy": "loss"},  # ROM with a module budget per block from measured loss increases
-    "rom-loss-nonseq": {"policy": "loss", "sequential": False},  # the same plan, calibrated on dense activations
+    "svd-llm": {"method": "whitened_svd", "centered": False, "sequential": False, "last_blocks": "all", **PAIR},
+    "rom-correct": {"correct": True, **PAIR},  # calibrated toward the dense model's outputs (methods.rom_corrected)
+    "rom-sparse": {"sparse": 0.25, **PAIR},  # a quarter of each module's budget to a sparse residual (llmrom.sparse)
+    "rom-sparse50": {"sparse": 0.5, **PAIR},  # half of it
+    "rom-sparse-lean": {"sparse": 0.25, "sparse_modules": "lean", **PAIR},  # not on down_proj: memory stays as rom's
+    "rom-welore": {"policy": "welore", **PAIR},  # ROM with WeLore's spectrum-based ranks over all blocks
+    "rom-welore-sparse": {"policy": "welore", "sparse": 0.25, **PAIR},  # those ranks plus the sparse residual
+    "rom-global": {"policy": "global", **PAIR},  # ROM with data-aware ranks over all blocks
+    "rom-loss": {"policy": "loss", **PAIR},  # ROM with a module budget per block from measured loss increases
+    "rom-loss-nonseq": {"policy": "loss", "sequential": False, **PAIR},  # the same plan, on dense activations
 }
 
 
@@ -74,8 +78,8 @@ REFERENCE = "rom-blocks"  # chooses N automatically for the blocks alone; same-b
 
 def same_blocks(variant):
     """Whether the variant compresses the blocks the reference variant chose, with the embedding dense
-    (else it has its own policy: the default rom, which plans the embedding with the blocks, included)."""
-    return variant != "rom" and not {"last_blocks", "policy"} & set(VARIANTS[variant])
+    (else it has its own policy: the default rom and rom-pair, which plan the embedding with the blocks, included)."""
+    return variant not in ("rom", "rom-pair") and not {"last_blocks", "policy"} & set(VARIANTS[variant])
 
 
 def parse_args(argv=None):
@@ -174,7 +178,7 @@ def run_model(model_name, args, out):
         try:
             check_budget(budget, total, shapes)
         except LlmromError as e:  # e.g. Gemma-3-270M at 0.5: its embeddings alone are 63% of the model
-            variants = [v for v in variants if v == "rom"]  # the default can cut the embedding too
+            variants = [v for v in variants if v in ("rom", "rom-pair")]  # these can cut the embedding too
             print(f"{name} budget {budget:g}: skipped, {e}" + (" (rom, which can cut the embedding, is tried)"
                                                                 if variants else ""), flush=True)
         for variant in variants:

@@ -8,6 +8,7 @@ import torch
 import transformers
 
 import llmrom
+from llmrom.cost import count_params
 from llmrom import cli
 
 FAST = ["--nsamples", "8", "--seqlen", "32", "--batch-size", "4", "--calib", "pydoc"]
@@ -36,7 +37,7 @@ def test_compress_info_and_reload(tiny_folder, tmp_path, capsys):
     assert report["totals"]["kept_fraction"] <= 0.9
     assert report["evaluation"]["perplexity_after"] > 0
     model, tok = llmrom.load(out)
-    assert tok is not None and sum(p.numel() for p in model.parameters()) == report["totals"]["parameters_after"]
+    assert tok is not None and count_params(model) == report["totals"]["parameters_after"]
     code, stdout, _ = run(capsys, "info", out)
     assert code == 0 and "model.layers.1.mlp.down_proj" in stdout and "rank" in stdout
     code, stdout, _ = run(capsys, "info", out, "--json")

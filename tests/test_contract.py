@@ -7,6 +7,7 @@ import torch
 import transformers
 
 import llmrom
+from llmrom.cost import count_params
 from llmrom import arch
 from llmrom.arch import SPECS, find_blocks, layout_for, trace_groups
 from llmrom.capture import block0_input, record_calls, run_block
@@ -100,7 +101,7 @@ def compress_tiny(family, **cfg):
 def test_compress_save_load_identical_logits(family, options, tmp_path):
     model, report, tokens = compress_tiny(family, **options)
     assert report["totals"]["kept_fraction"] <= 0.9
-    assert report["totals"]["parameters_after"] == sum(p.numel() for p in model.parameters())
+    assert report["totals"]["parameters_after"] == count_params(model)
     assert any(isinstance(m, FactorizedLinear) for m in model.modules())
     with torch.no_grad():
         ref = model(tokens).logits
@@ -112,7 +113,7 @@ def test_compress_save_load_identical_logits(family, options, tmp_path):
     with torch.no_grad():
         assert torch.equal(loaded(tokens).logits, ref)
         assert torch.equal(remote(tokens).logits, ref)
-    assert sum(p.numel() for p in loaded.parameters()) == report["totals"]["parameters_after"]
+    assert count_params(loaded) == report["totals"]["parameters_after"]
 
 
 def test_dense_export_loads_without_llmrom(family, tmp_path):

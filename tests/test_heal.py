@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import llmrom
+from llmrom.cost import count_params
 from llmrom import cli
 from llmrom.config import CompressConfig
 from llmrom.factorized import FactorizedLinear
@@ -73,7 +74,7 @@ def test_only_the_factors_change_and_the_size_stays(compressed, tok, texts, mode
     after = params_of(model)
     assert after.keys() == before.keys()  # adapters merged away: same tensors, same shapes
     assert all(after[n].shape == before[n].shape for n in before)
-    assert rec["parameters"] == sum(p.numel() for p in model.parameters())
+    assert rec["parameters"] == count_params(model)
     factors = factor_names(model)
     assert factors and all(torch.equal(after[n], before[n]) for n in before if n not in factors)
     changed = [n for n in factors if not torch.equal(after[n], before[n])]
@@ -211,8 +212,8 @@ def test_cli_heals_a_folder_that_both_loaders_read(compressed, tok, texts, tmp_p
     assert h["data"].endswith("train.txt") and h["evaluation"]["source"].endswith("eval.txt")
     assert h["evaluation"]["perplexity_after"] <= h["evaluation"]["perplexity_before"]
     model, _ = llmrom.load(out)
-    n = sum(p.numel() for p in compressed[0].parameters())
-    assert sum(p.numel() for p in model.parameters()) == n == h["parameters"]
+    n = count_params(compressed[0])
+    assert count_params(model) == n == h["parameters"]
     remote = transformers.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
     ids = calib_tokens(2, 16, seed=5)
     with torch.no_grad():

@@ -66,7 +66,8 @@ def compress_tiny(family, **cfg):
 def test_report_counts_the_sparse_part_and_meets_the_budget(family):
     dense = spiky_model(family)
     total = count_params(dense)
-    model, report, _ = compress_tiny(family, last_blocks=2, module_budget=0.5, sparse=0.25, sparse_rounds=2)
+    model, report, _ = compress_tiny(family, last_blocks=2, module_budget=0.5, sparse=0.25, sparse_rounds=2,
+                                      factors="pair")  # the interpolative form's count: test_interp
     t, rows = report["totals"], report["modules"]
     sparse_rows = [r for r in rows if r["nnz"]]
     assert sparse_rows
@@ -234,11 +235,31 @@ def test_module_forward_equals_the_dense_reconstruction():
     assert f.sparse.crow.dtype == f.sparse.col.dtype == torch.int32
 
 
+def test_sparse_residual_with_interpolative_factors_round_trips(tmp_path):
+    """The default factor form with a sparse residual: every stored index counted (the output order's
+    d_out and the CSR ones), the budget met, and the folder reloads to the same logits."""
+    dense = spiky_model("llama")
+    total = count_params(dense)
+    model, report, tokens = compress_tiny("llama", last_blocks=2, module_budget=0.5, sparse=0.25)
+    mods = [m for m in model.modules() if isinstance(m, FactorizedLinear)]
+    assert any(m.nnz and m.interp for m in mods)
+    indices = sum((m.nnz + m.out_features + 1 if m.nnz else 0) + (m.order.numel() if m.interp else 0)
+                  for m in mods)  # one int per nonzero's column, d_out + 1 row pointers, the form's indices
+    assert report["totals"]["parameters_after"] == count_params(model) == \
+        sum(p.numel() for p in model.parameters()) + indices
+    shapes = linear_shapes(dense, layout_for(dense), centered=True, interp=True)
+    assert count_params(model) <= kept_params(total, shapes, last_blocks_plan(shapes, 2, 2, 0.5))
+    out = llmrom.save(model, None, tmp_path / "out", report)
+    loaded, _ = llmrom.load(out)
+    with torch.no_grad():
+        assert torch.equal(loaded(tokens).logits, model(tokens).logits)
+
+
 # ---- save and load ---------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_save_load_round_trip_gives_identical_logits(family, tmp_path):
-    model, report, tokens = compress_tiny(family, budget=0.9, sparse=0.25, embedding_budget=1.0)
+    model, report, tokens = compress_tiny(family, budget=0.9, sparse=0.25, embedding_budget=1.0, factors="pair")
     with torch.no_grad():
         ref = model(tokens).logits
     out = llmrom.save(model, None, tmp_path / "out", report)
@@ -270,15 +291,15 @@ def test_dense_export_merges_the_sparse_part(tmp_path):
 
 
 def test_without_sparse_the_folder_stays_format_1(tmp_path):
-    model, report, _ = compress_tiny("llama", budget=0.9, embedding_budget=1.0)
+    model, report, _ = compress_tiny("llama", budget=0.9, embedding_budget=1.0, factors="pair")
     out = llmrom.save(model, None, tmp_path / "out", report)
     meta = json.loads((out / "config.json").read_text())["llmrom"]
     assert meta["format_version"] == 1 and not any("nnz" in v for v in meta["modules"].values())
 
 
 def test_unknown_format_is_refused():
-    with pytest.raises(ValueError, match="format_version 4"):
-        apply_factorization(tiny_model("llama"), {"format_version": 4, "modules": {}})
+    with pytest.raises(ValueError, match="format_version 5"):
+        apply_factorization(tiny_model("llama"), {"format_version": 5, "modules": {}})
 
 
 def test_streaming_equals_in_memory_with_sparse(tmp_path):
@@ -299,7 +320,7 @@ def test_streaming_equals_in_memory_with_sparse(tmp_path):
 
 def test_healing_trains_the_sparse_values():
     from llmrom.heal import HealConfig, _trainable
-    model, _, _ = compress_tiny("llama", budget=0.9, sparse=0.25)
+    model, _, _ = compress_tiny("llama", budget=0.9, sparse=0.25, factors="pair")
     names = [n for n, m in model.named_modules() if isinstance(m, FactorizedLinear)]
     params, _ = _trainable(copy.deepcopy(model), HealConfig(), names)
     assert any(k.endswith("sparse_values") for k in params)

@@ -15,6 +15,7 @@ from safetensors import safe_open
 import llmrom
 from llmrom import cli
 from llmrom.config import CompressConfig
+from llmrom.cost import count_params
 from llmrom.errors import LlmromError
 from llmrom.stream import Partial, compress_streaming
 
@@ -234,7 +235,7 @@ def test_cli_stream_and_its_refusals(random_ckpt, tmp_path, capsys):
     report = json.loads((out / "llmrom_report.json").read_text())
     assert tok is not None and report["totals"]["kept_fraction"] <= 0.95
     assert report["config"]["activations_dtype"] == "float16"
-    assert sum(p.numel() for p in model.parameters()) == report["totals"]["parameters_after"]
+    assert count_params(model) == report["totals"]["parameters_after"]
 
 
 def test_streaming_leaves_the_callers_grad_mode_alone(tmp_path):

@@ -22,7 +22,8 @@ from .textdata import calibration_windows, load_text, tokens_sha256
 log = logging.getLogger(__name__)
 
 
-def linear_shapes(model, layout, centered):
+def linear_shapes(model, layout, centered, interp=False):
+    """LinearShape of every block linear; `interp`: factors in the interpolative form (llmrom.interp)."""
     blocks = model.get_submodule(layout.blocks_path)
     shapes = []
     for i, block in enumerate(blocks):
@@ -31,7 +32,7 @@ def linear_shapes(model, layout, centered):
         for n in names:
             mod = block.get_submodule(n)
             shapes.append(LinearShape.of(f"{layout.blocks_path}.{i}.{n}", i, weight_matrix(mod),
-                                         mod.bias is not None, centered))
+                                         mod.bias is not None, centered, interp=interp))
     return shapes
 
 
@@ -103,7 +104,8 @@ def loop_options(config, progress=True):
                        batch_size=config.batch_size, device=config.device, progress=progress,
                        activations=config.activations, activations_dtype=config.activations_dtype,
                        correct=config.correct, sparse=config.sparse, sparse_select=config.sparse_select,
-                       sparse_rounds=config.sparse_rounds, sparse_modules=config.sparse_modules)
+                       sparse_rounds=config.sparse_rounds, sparse_modules=config.sparse_modules,
+                       interp=config.factors == "interpolative")
 
 
 def compress(model, tokenizer, config: CompressConfig, progress=True, tokens=None):
@@ -116,7 +118,7 @@ def compress(model, tokenizer, config: CompressConfig, progress=True, tokens=Non
         raise LlmromError("this model is already compressed by llmrom; compress the original (dense) model "
                           "with the lower budget instead")
     layout = layout_for(model)
-    shapes = linear_shapes(model, layout, config.centered)
+    shapes = linear_shapes(model, layout, config.centered, config.factors == "interpolative")
     before = {"parameters": count_params(model), "macs_per_token": macs_per_token(model)}
     if tokens is None:
         tokens = calibration_windows(tokenizer, load_text(config.calib), config.nsamples, config.seqlen, config.seed)

@@ -33,8 +33,7 @@ def _add_config_options(p):
             kind = {"budget": float, "module_budget": float, "embedding_budget": float, "last_blocks": int,
                     "nsamples": int, "seqlen": int, "seed": int, "batch_size": int, "sparse": float,
                     "sparse_rounds": int}.get(name, str)
-            p.add_argument(flag, type=kind, default=default,
-                           help=f"{help_text} (default: {default})" if default is not None else help_text)
+            p.add_argument(flag, type=kind, default=default, help=help_text)  # the formatter adds the default
 
 
 def build_parser():

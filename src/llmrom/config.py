@@ -5,6 +5,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from .errors import LlmromError
 
 CONFIG_VERSION = 1
+FACTOR_FORMS = ("interpolative", "pair")
 
 
 def _f(default, help):
@@ -47,7 +48,8 @@ class CompressConfig:
     last_blocks: int | None = _f(None, "compress only the last N blocks (the paper's policy); with --budget and "
                                        "no --module-budget, the module budget is solved to meet the budget")
     module_budget: float | None = _f(None, "fraction of each compressed matrix's parameters kept, in (0, 1): "
-                                           "rank = floor(b * d_in * d_out / (d_in + d_out))")
+                                           "the largest rank whose factors fit b * d_in * d_out (pair: the "
+                                           "paper's floor(b * d_in * d_out / (d_in + d_out)))")
     ranks_file: str | None = _f(None, "JSON object {module name: rank} giving every rank explicitly")
     embedding_budget: float | None = _f(None, "fraction of the token embedding's parameters kept, in (0, 1] (1: "
                                               "dense). The embedding is factorized by the same output PCA (its "
@@ -62,6 +64,11 @@ class CompressConfig:
                                     "increase)")
     method: str = _f("rom", "factorization: rom (the paper's output PCA), svd (plain weight SVD baseline) or "
                             "whitened_svd (SVD-LLM's activation-whitened SVD baseline)")
+    factors: str = _f("interpolative", "how the two factors are stored: interpolative (r rows or columns of one "
+                                       "factor, on the smaller side, are made the identity and not stored: the "
+                                       "same map in r (d_in + d_out - r) numbers plus min(d_in, d_out) indices, "
+                                       "so a module budget buys a larger rank; llmrom.interp) or pair (the "
+                                       "paper's and the SVD baselines' r (d_in + d_out))")
     centered: bool = _f(True, "PCA of mean-centred outputs, with the mean of the dropped directions restored in "
                               "a bias (counted in the budget). On by default: at equal budget it beat uncentred "
                               "PCA on SmolLM2 (perplexity 24.1 vs 26.9, bench/results); --no-centered is the "
@@ -136,6 +143,8 @@ class CompressConfig:
         if self.method not in METHODS:
             raise LlmromError(f"unknown --method {self.method!r}; choose one of {sorted(METHODS)}")
         check_correction(self.correct, self.sequential, self.method, self.sparse)
+        if self.factors not in FACTOR_FORMS:
+            raise LlmromError(f"--factors must be one of {', '.join(FACTOR_FORMS)}, got {self.factors!r}")
         for name in ("nsamples", "seqlen", "batch_size"):
             if getattr(self, name) < 1:
                 raise LlmromError(f"--{name} must be a positive integer, got {getattr(self, name)}")

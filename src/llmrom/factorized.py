@@ -14,6 +14,8 @@ which do not know the sparse part refuse it instead of loading the factors witho
 A factorized token embedding adds
     "embedding": {"name": "model.embed_tokens", "rank": 384, "head": "lm_head" or null}
 ("head": the output layer tied to it, factorized with it); such a folder is format_version 3.
+A module stored in the interpolative form (llmrom.interp) has "interp": "in" or "out" (the side
+whose identity is not stored); a folder with any such module is format_version 4.
 """
 
 import warnings
@@ -24,7 +26,8 @@ from torch import nn
 FORMAT_VERSION = 1  # low-rank factors only
 SPARSE_FORMAT_VERSION = 2  # some modules add a sparse residual ("nnz" in their metadata)
 EMBEDDING_FORMAT_VERSION = 3  # the token embedding (and its tied head) are factorized ("embedding")
-READABLE_VERSIONS = (FORMAT_VERSION, SPARSE_FORMAT_VERSION, EMBEDDING_FORMAT_VERSION)
+INTERP_FORMAT_VERSION = 4  # some modules store their factors in the interpolative form ("interp")
+READABLE_VERSIONS = (FORMAT_VERSION, SPARSE_FORMAT_VERSION, EMBEDDING_FORMAT_VERSION, INTERP_FORMAT_VERSION)
 
 
 def csr_rows(crow, nnz):
@@ -43,24 +46,66 @@ class FactorizedLinear(nn.Module):
     """y = second(first(x)) [+ S x]: `first` (rank x in) is V_r^T W, `second` (out x rank) is V_r.
 
     `second` carries the bias: the original bias plus, for centred PCA, the restored mean.
+    In the interpolative form (llmrom.interp) rank rows or columns of the factors are the identity
+    and not stored; `order` (int32) holds the indices of that side:
+      interp "in":  z = x[K] + first(x[O]), y = second(z); `first` (rank x (in - rank)) is D and
+                    `order` = [K, O] (in);
+      interp "out": z = first(x), y = [z, second(z)][order] + out_bias; `second` holds the
+                    (out - rank) rows C and `order` (out) the place of each output in [z, C z].
     With `nnz` > 0 the module also holds a sparse residual S (out x in) in CSR form: `sparse_values`
     (nnz, a parameter in the model's dtype), `sparse_col` (nnz column indices, int32) and
     `sparse_crow` (out + 1 row pointers, int32); nonzeros are ordered by row, then column.
     """
 
-    def __init__(self, in_features, out_features, rank, bias, dtype=None, device=None, nnz=0):
+    def __init__(self, in_features, out_features, rank, bias, dtype=None, device=None, nnz=0, interp=None):
         super().__init__()
         self.in_features, self.out_features, self.rank, self.nnz = in_features, out_features, rank, nnz
-        self.first = nn.Linear(in_features, rank, bias=False, dtype=dtype, device=device)
-        self.second = nn.Linear(rank, out_features, bias=bias, dtype=dtype, device=device)
+        if interp not in (None, "in", "out"):
+            raise ValueError(f"interp must be None, 'in' or 'out', got {interp!r}")
+        self.interp = interp
+        first_in = in_features - rank if interp == "in" else in_features
+        second_out = out_features - rank if interp == "out" else out_features
+        self.first = nn.Linear(first_in, rank, bias=False, dtype=dtype, device=device)
+        self.second = nn.Linear(rank, second_out, bias=bias and interp != "out", dtype=dtype, device=device)
+        self.register_parameter("out_bias", nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device))
+                                if interp == "out" and bias else None)
+        if interp:
+            side = in_features if interp == "in" else out_features
+            self.register_buffer("order", torch.arange(side, dtype=torch.int32, device=device))
         if nnz:
             self.sparse_values = nn.Parameter(torch.zeros(nnz, dtype=dtype, device=device))
             self.register_buffer("sparse_col", torch.zeros(nnz, dtype=torch.int32, device=device))
             self.register_buffer("sparse_crow", torch.zeros(out_features + 1, dtype=torch.int32, device=device))
 
     def forward(self, x):
-        y = self.second(self.first(x))
+        if self.interp == "in":
+            x_k, x_o = x.index_select(-1, self.order[:self.rank]), x.index_select(-1, self.order[self.rank:])
+            if type(self.first) is nn.Linear:  # z = x[K] + D x[O] in one fused product (2-D for addmm)
+                z = torch.addmm(x_k.reshape(-1, self.rank), x_o.reshape(-1, x_o.shape[-1]), self.first.weight.T)
+                z = z.reshape(*x.shape[:-1], self.rank)
+            else:  # an adapter wraps `first` (llmrom.lora)
+                z = x_k + self.first(x_o)
+            y = self.second(z)
+        elif self.interp == "out":
+            z = self.first(x)
+            y = torch.cat([z, self.second(z)], -1).index_select(-1, self.order)
+            y = y if self.out_bias is None else y + self.out_bias
+        else:
+            y = self.second(self.first(x))
         return y + self.sparse_forward(x) if self.nnz else y
+
+    def factor_matrices(self):
+        """(second, first) as the plain (out x rank) and (rank x in) factors, identity put back."""
+        first, second = self.first.weight, self.second.weight
+        if self.interp:
+            eye = torch.eye(self.rank, dtype=first.dtype, device=first.device)
+            place = torch.empty_like(self.order, dtype=torch.long)
+            if self.interp == "in":  # columns [K, O] of [I, D] go to positions order
+                place[self.order.long()] = torch.arange(self.in_features, device=first.device)
+                first = torch.cat([eye, first], 1).index_select(1, place)
+            else:
+                second = torch.cat([eye, second]).index_select(0, self.order)
+        return second, first
 
     def sparse_forward(self, x, chunk_elements=1 << 24):
         """S x: a CSR sparse-dense product for float32/float64 (torch's CSR kernels), otherwise (e.g.
@@ -85,28 +130,31 @@ class FactorizedLinear(nn.Module):
     def sparse_dense(self):
         """The sparse residual as a dense (out x in) matrix."""
         if not self.nnz:
-            return self.second.weight.new_zeros(self.out_features, self.in_features)
-        return csr_dense(self.sparse_crow, self.sparse_col, self.sparse_values, self.in_features, self.second.weight)
+            return self.first.weight.new_zeros(self.out_features, self.in_features)
+        return csr_dense(self.sparse_crow, self.sparse_col, self.sparse_values, self.in_features, self.first.weight)
 
     @property
     def stored_indices(self):
-        """Integer entries stored beside the parameters (column indices and row pointers); they count
-        as parameters in llmrom's budget (one each, like an int32 next to a float32 value)."""
-        return self.nnz + self.out_features + 1 if self.nnz else 0
+        """Integer entries stored beside the parameters (the sparse residual's column indices and row
+        pointers, the interpolative form's output order); they count as parameters in llmrom's budget
+        (one each, like an int32 next to a float32 value)."""
+        return (self.nnz + self.out_features + 1 if self.nnz else 0) + (self.order.numel() if self.interp else 0)
 
     @property
     def weight(self):
         """The merged (out x in) weight; for code that inspects `.weight` (e.g. dtype checks)."""
-        w = self.second.weight @ self.first.weight
+        second, first = self.factor_matrices()
+        w = second @ first
         return w + self.sparse_dense() if self.nnz else w
 
     @property
     def bias(self):
-        return self.second.bias
+        return self.out_bias if self.interp == "out" else self.second.bias
 
     def extra_repr(self):
         sparse = f", nnz={self.nnz}" if self.nnz else ""
-        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}{sparse}"
+        form = f", interpolative ({self.interp})" if self.interp else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}{sparse}{form}"
 
 
 class FactorizedEmbedding(nn.Module):
@@ -209,6 +257,7 @@ def apply_factorization(model, meta, dtype=None, device=None):
         new = FactorizedLinear(
             in_f, out_f, spec["rank"], spec["bias"],
             dtype=dtype or w.dtype, device=device if device is not None else w.device, nnz=spec.get("nnz", 0),
+            interp=spec.get("interp"),
         )
         replace_module(model, name, new)
     if meta.get("embedding"):

@@ -20,7 +20,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from . import factorized
 from .errors import LlmromError
-from .factorized import (EMBEDDING_FORMAT_VERSION, FORMAT_VERSION, SPARSE_FORMAT_VERSION, FactorizedEmbedding,
+from .factorized import (EMBEDDING_FORMAT_VERSION, FORMAT_VERSION, INTERP_FORMAT_VERSION, SPARSE_FORMAT_VERSION, FactorizedEmbedding,
                          FactorizedHead, FactorizedLinear, make_factorized_class)
 
 log = logging.getLogger(__name__)
@@ -107,16 +107,20 @@ def load(folder, dtype=None, device=None):
 
 
 def module_meta(m):
-    """The metadata of one FactorizedLinear: rank, bias, and nnz when it has a sparse residual."""
-    spec = {"rank": m.rank, "bias": m.second.bias is not None}
+    """The metadata of one FactorizedLinear: rank, bias, nnz when it has a sparse residual, interp when
+    its factors are in the interpolative form."""
+    spec = {"rank": m.rank, "bias": m.bias is not None}
     if m.nnz:
         spec["nnz"] = m.nnz
+    if m.interp:
+        spec["interp"] = m.interp
     return spec
 
 
 def factorization_meta(model, method, centered):
-    """`config.llmrom`. Format version 1 unless a module has a sparse residual (then 2), so folders
-    without one stay readable by llmrom versions that predate the sparse residual."""
+    """`config.llmrom`. The lowest format version that holds what the model has: 1 (low-rank factors),
+    2 (a sparse residual), 3 (a factorized embedding), 4 (interpolative factors), so that folders stay
+    readable by llmrom versions that predate the features they do not use."""
     modules = {n: module_meta(m) for n, m in model.named_modules() if isinstance(m, FactorizedLinear)}
     base = type(model)
     while base.__name__.startswith("Llmrom"):
@@ -130,6 +134,8 @@ def factorization_meta(model, method, centered):
         heads = [n for n, h in model.named_modules() if isinstance(h, FactorizedHead)]
         meta["embedding"] = {"name": name, "rank": m.rank, "head": heads[0] if heads else None}
         meta["format_version"] = EMBEDDING_FORMAT_VERSION
+    if any(v.get("interp") for v in modules.values()):
+        meta["format_version"] = INTERP_FORMAT_VERSION
     return meta
 
 
@@ -199,15 +205,15 @@ def dense_state_dict(model, meta):
     state = model.state_dict()
     for name in meta["modules"]:
         mod, orig = model.get_submodule(name), skeleton.get_submodule(name)
-        if mod.second.bias is not None and getattr(orig, "bias", None) is None:
+        if mod.bias is not None and getattr(orig, "bias", None) is None:
             raise LlmromError(f"--export dense cannot store the bias that centring added to {name} (the original "
                               "layer has none); compress with --no-centered to export dense")
         for k in [k for k in state if k.startswith(name + ".")]:
             del state[k]
         w = mod.weight  # factors merged, plus the sparse residual
         state[f"{name}.weight"] = w if isinstance(orig, torch.nn.Linear) else w.T.contiguous()  # Conv1D: (in, out)
-        if mod.second.bias is not None:
-            state[f"{name}.bias"] = mod.second.bias
+        if mod.bias is not None:
+            state[f"{name}.bias"] = mod.bias
     if meta.get("embedding"):  # the merged table; a tied head is the same tensor again, as in the original
         spec = meta["embedding"]
         emb = model.get_submodule(spec["name"])

@@ -36,6 +36,7 @@ from .config import check_correction
 from .cost import return_free_memory
 from .errors import LlmromError, NonFiniteError
 from .factorized import FactorizedLinear, replace_module
+from .interp import interpolative, side_for
 from .methods import METHODS, rom_corrected, rom_from_outputs
 from .ranks import LinearShape
 from .sparse import low_rank_plus_sparse
@@ -79,6 +80,7 @@ class LoopOptions:
     sparse_select: str = "entries"  # its support: entries or channels
     sparse_rounds: int = 3  # alternating rounds of factors and sparse part
     sparse_modules: str = "all"  # lean: no sparse part where rom fits from output statistics (CompressConfig)
+    interp: bool = False  # store the factors in the interpolative form (llmrom.interp; CompressConfig.factors)
 
     def __post_init__(self):
         check_correction(self.correct, self.sequential, self.method, self.sparse)
@@ -370,7 +372,7 @@ def _factorize_into(block, prefix, name, method, moments, plan, opts, t0):
     module = block.get_submodule(name)
     w = weight_matrix(module)
     sparse = 0.0 if method is rom_from_outputs else opts.sparse  # --sparse-modules lean: output statistics only
-    shape = LinearShape.of(full, -1, w, module.bias is not None, opts.centered, sparse)
+    shape = LinearShape.of(full, -1, w, module.bias is not None, opts.centered, sparse, opts.interp)
     rank = plan[full]
     if not shape.worthwhile(rank):
         return ModuleRecord(full, shape.d_in, shape.d_out, None, shape.dense_params, shape.dense_params,
@@ -390,11 +392,21 @@ def _factorize_into(block, prefix, name, method, moments, plan, opts, t0):
     except NonFiniteError as e:
         raise NonFiniteError(f"{full}: {e}") from None
     low, nnz = f.first.shape[0], f.sparse.nnz if f.sparse is not None else 0  # the plain fit may have won
-    new = FactorizedLinear(shape.d_in, shape.d_out, low, f.bias is not None, dtype=w.dtype, device=w.device, nnz=nnz)
-    new.first.weight.copy_(f.first)
-    new.second.weight.copy_(f.second)
+    interp = side_for(shape.d_in, shape.d_out) if shape.uses_interp(low) else None
+    new = FactorizedLinear(shape.d_in, shape.d_out, low, f.bias is not None, dtype=w.dtype, device=w.device, nnz=nnz,
+                           interp=interp)
+    first, second = f.first, f.second
+    if interp:
+        try:
+            first, second, order = interpolative(f.second, f.first, interp)
+        except torch.linalg.LinAlgError:
+            raise LlmromError(f"{full}: its factors have rank below {low}, so no {low} of their rows or columns "
+                              "form an invertible block for the interpolative form; use --factors pair") from None
+        new.order.copy_(order)
+    new.first.weight.copy_(first)
+    new.second.weight.copy_(second)
     if f.bias is not None:
-        new.second.bias.copy_(f.bias)
+        new.bias.copy_(f.bias)
     if nnz:
         new.sparse_values.copy_(f.sparse.values)
         new.sparse_col.copy_(f.sparse.col)

@@ -68,7 +68,7 @@ def _fill(plan, sorted_scores, shapes, slack):
     while heap:
         _, name = heapq.heappop(heap)
         s, r = by_name[name], plan[name]
-        cost = s.d_in + s.d_out
+        cost = s.factor_params(r + 1) - s.factor_params(r)
         if cost > slack or not s.worthwhile(r + 1):
             continue
         plan[name], slack = r + 1, slack - cost

@@ -2,6 +2,10 @@
 
 Budget is the paper's: the fraction of the WHOLE model's parameters kept (embeddings count).
 
+Factors are stored as a pair (B, A) of r (d_in + d_out) numbers, the paper's form, or in the
+interpolative form (llmrom.interp) of r (d_in + d_out - r) numbers plus min(d_in, d_out) indices; a
+module budget buys the largest rank its form can store.
+
 With a sparse residual (--sparse s), a plan's rank r still names the module's parameter budget,
 P = factor_params(r), and plans are made (and the budget met) exactly as without one. The module
 spends at most P: factors of rank floor((1 - s) r) plus a CSR sparse residual filling the rest
@@ -25,17 +29,28 @@ class LinearShape:
     d_out: int
     added_bias: int = 0  # d_out when centring must add a bias the dense layer lacks
     sparse: float = 0.0  # fraction of the module's budget given to a sparse residual
+    interp: bool = False  # factors stored in the interpolative form (llmrom.interp)
 
     @classmethod
-    def of(cls, name, block, weight, has_bias, centered, sparse=0.0):
+    def of(cls, name, block, weight, has_bias, centered, sparse=0.0, interp=False):
         d_out, d_in = weight.shape
-        return cls(name, block, d_in, d_out, d_out if centered and not has_bias else 0, sparse)
+        return cls(name, block, d_in, d_out, d_out if centered and not has_bias else 0, sparse, interp)
 
     @property
     def dense_params(self):
         return self.d_in * self.d_out
 
+    def uses_interp(self, rank):
+        """Whether rank-`rank` factors are stored in the interpolative form: asked for, and cheaper
+        there (it saves rank^2 numbers and stores min(d_in, d_out) indices)."""
+        side = min(self.d_in, self.d_out)
+        return self.interp and rank < side and rank * rank > side
+
     def factor_params(self, rank):
+        """Stored numbers of rank-`rank` factors: r (d_in + d_out) as a pair, or in the interpolative
+        form r (d_in + d_out - r) plus min(d_in, d_out) indices (one each, like the sparse indices)."""
+        if self.uses_interp(rank):
+            return rank * (self.d_in + self.d_out - rank) + min(self.d_in, self.d_out) + self.added_bias
         return rank * (self.d_in + self.d_out) + self.added_bias
 
     def sparse_params(self, nnz):
@@ -59,8 +74,19 @@ class LinearShape:
         return self.factor_params(low) + self.sparse_params(nnz)
 
     def paper_rank(self, module_budget):
-        """Rank that keeps `module_budget` of the matrix's parameters: floor(b d_in d_out / (d_in + d_out))."""
-        return max(1, math.floor(module_budget * self.d_in * self.d_out / (self.d_in + self.d_out)))
+        """Largest rank whose factors keep at most `module_budget` of the matrix's parameters (the bias
+        centring adds aside): the paper's floor(b d_in d_out / (d_in + d_out)) for a pair, the smaller
+        root of r (d_in + d_out - r) + d_out = b d_in d_out in the interpolative form."""
+        target = module_budget * self.d_in * self.d_out
+        pair = max(1, math.floor(target / (self.d_in + self.d_out)))
+        if not self.interp:
+            return pair
+        s, side = self.d_in + self.d_out, min(self.d_in, self.d_out)
+        r = math.floor((s - math.sqrt(max(s * s - 4 * (target - side), 0.0))) / 2)
+        r = max(pair, min(r, min(self.d_in, self.d_out) - 1))
+        while r > pair and self.factor_params(r) - self.added_bias > target:  # float rounding of the root
+            r -= 1
+        return r
 
     def worthwhile(self, rank):
         """A factorization is stored only if it is strictly smaller than the dense matrix."""
