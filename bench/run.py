@@ -194,6 +194,9 @@ def run_model(model_name, args, out):
                 fields["last_blocks"] = n_blocks
             elif same_blocks(variant):
                 fields["embedding_budget"] = 1.0
+                reference = out / f"{name}_{budget:g}_{REFERENCE}.json"  # also when it is not among --variants
+                if last_n is None and reference.exists():
+                    last_n = json.loads(reference.read_text())["plan"]["last_blocks"]
                 if last_n is not None:
                     fields["last_blocks"] = last_n
             cfg = CompressConfig(**fields)

@@ -61,6 +61,11 @@ def test_benchmark_smoke(tiny_folder, tmp_path, capsys):
     with pytest.raises(SystemExit, match="calibrated on other token ids"):  # never mixes calibrations
         bench_module("run").main(argv)
     dense_file.write_text(good)
+    # a same-blocks variant run on its own still compresses the reference's N blocks
+    bench_module("run").main([*argv[:2], "--budgets", "0.9", "--variants", "rom-interp", *argv[6:]])
+    ref, interp = (json.loads((runs / f"{name}_0.9_{v}.json").read_text()) for v in ("rom-blocks", "rom-interp"))
+    assert interp["config"]["last_blocks"] == ref["plan"]["last_blocks"] and interp["plan"]["policy"] == "last-blocks"
+    assert (ref["config"]["factors"], interp["config"]["factors"]) == ("pair", "interpolative")
 
     readme = tmp_path / "README.md"
     report = bench_module("report")

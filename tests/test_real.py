@@ -70,13 +70,28 @@ def test_smollm2_end_to_end(smollm2, held_out, tmp_path):
 
 def test_smollm2_rom_beats_weight_svd_at_equal_size(smollm2, held_out):
     dense, tok = smollm2
-    ppl = {}
+    ppl, params = {}, {}
     for method in ("rom", "svd"):
         model, report = llmrom.compress(fresh(dense), tok, CompressConfig(**FAST, method=method), progress=False)
         ppl[method] = perplexity(model, held_out)
-        params = report["totals"]["parameters_after"]
+        params[method] = report["totals"]["parameters_after"]
     assert ppl["rom"] < ppl["svd"], ppl
-    assert params == report["totals"]["parameters_after"]
+    assert params["rom"] == params["svd"]
+
+
+def test_smollm2_interpolative_factors_beat_pairs_at_equal_size(smollm2, held_out):
+    """The default factor form on the real model: at the same module budget it keeps no more parameters
+    than factor pairs (within the rounding of integer ranks), with larger ranks and lower perplexity."""
+    dense, tok = smollm2
+    ppl, report = {}, {}
+    for form in ("pair", "interpolative"):
+        model, report[form] = llmrom.compress(fresh(dense), tok, CompressConfig(**FAST, factors=form), progress=False)
+        ppl[form] = perplexity(model, held_out)
+    kept = {f: r["totals"]["parameters_after"] for f, r in report.items()}
+    assert kept["interpolative"] <= kept["pair"] + 21 * 576, kept  # at most one rank step per module apart
+    ranks = {f: [m["rank"] for m in r["modules"]] for f, r in report.items()}
+    assert all(a > b for a, b in zip(ranks["interpolative"], ranks["pair"])), ranks
+    assert ppl["interpolative"] < ppl["pair"], ppl
 
 
 def test_smollm2_embedding_rom_beats_its_weight_svd(smollm2, held_out):
