@@ -224,6 +224,10 @@ def test_target_table_measures_the_default_and_the_best_option_against_half_the_
     # best baseline 22 -> target 16; rom closes (22 - 20) / 12, rom-sparse (22 - 15) / 12
     assert line == ("| m | 0.9 | 10.00 | rom-uncentred 22.00 (not run: svd) | 16.00 | 20.00 | 17% | no "
                     "| rom-sparse 15.00 | 58% | yes |")
+    older = [r for r in runs if r["variant"] != "rom"] + [run("rom-pair", 18.0)]  # the default's row not run yet
+    line = bench_module("report").target_table({"m": older}).splitlines()[-1]
+    assert line == ("| m | 0.9 | 10.00 | rom-uncentred 22.00 (not run: svd) | 16.00 | not run | - | - "
+                    "| rom-sparse 15.00 | 58% | yes |")
 
 
 def test_sparse_layers_benchmark_smoke(tiny_folder, tmp_path):
