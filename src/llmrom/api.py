@@ -105,7 +105,7 @@ def loop_options(config, progress=True):
                        activations=config.activations, activations_dtype=config.activations_dtype,
                        correct=config.correct, sparse=config.sparse, sparse_select=config.sparse_select,
                        sparse_rounds=config.sparse_rounds, sparse_modules=config.sparse_modules,
-                       interp=config.factors == "interpolative")
+                       interp=config.interpolative)
 
 
 def compress(model, tokenizer, config: CompressConfig, progress=True, tokens=None):
@@ -118,7 +118,7 @@ def compress(model, tokenizer, config: CompressConfig, progress=True, tokens=Non
         raise LlmromError("this model is already compressed by llmrom; compress the original (dense) model "
                           "with the lower budget instead")
     layout = layout_for(model)
-    shapes = linear_shapes(model, layout, config.centered, config.factors == "interpolative")
+    shapes = linear_shapes(model, layout, config.centered, config.interpolative)
     before = {"parameters": count_params(model), "macs_per_token": macs_per_token(model)}
     if tokens is None:
         tokens = calibration_windows(tokenizer, load_text(config.calib), config.nsamples, config.seqlen, config.seed)

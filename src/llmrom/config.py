@@ -165,6 +165,11 @@ class CompressConfig:
         if self.activations_dtype not in (None, "float32", "bfloat16", "float16"):
             raise LlmromError(f"--activations-dtype must be float32, bfloat16 or float16, got {self.activations_dtype!r}")
 
+    @property
+    def interpolative(self):
+        """Whether factors are stored in the interpolative form (llmrom.interp)."""
+        return self.factors == "interpolative"
+
     def to_dict(self):
         return {"type": "CompressConfig", "version": CONFIG_VERSION, **asdict(self)}
 

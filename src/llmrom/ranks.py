@@ -40,17 +40,21 @@ class LinearShape:
     def dense_params(self):
         return self.d_in * self.d_out
 
+    @property
+    def interp_indices(self):
+        """Indices the interpolative form stores: one per entry of its identity's (the smaller) side."""
+        return min(self.d_in, self.d_out)
+
     def uses_interp(self, rank):
         """Whether rank-`rank` factors are stored in the interpolative form: asked for, and cheaper
-        there (it saves rank^2 numbers and stores min(d_in, d_out) indices)."""
-        side = min(self.d_in, self.d_out)
-        return self.interp and rank < side and rank * rank > side
+        there (it saves rank^2 numbers and stores `interp_indices`)."""
+        return self.interp and rank < self.interp_indices and rank * rank > self.interp_indices
 
     def factor_params(self, rank):
         """Stored numbers of rank-`rank` factors: r (d_in + d_out) as a pair, or in the interpolative
         form r (d_in + d_out - r) plus min(d_in, d_out) indices (one each, like the sparse indices)."""
         if self.uses_interp(rank):
-            return rank * (self.d_in + self.d_out - rank) + min(self.d_in, self.d_out) + self.added_bias
+            return rank * (self.d_in + self.d_out - rank) + self.interp_indices + self.added_bias
         return rank * (self.d_in + self.d_out) + self.added_bias
 
     def sparse_params(self, nnz):
@@ -76,14 +80,14 @@ class LinearShape:
     def paper_rank(self, module_budget):
         """Largest rank whose factors keep at most `module_budget` of the matrix's parameters (the bias
         centring adds aside): the paper's floor(b d_in d_out / (d_in + d_out)) for a pair, the smaller
-        root of r (d_in + d_out - r) + d_out = b d_in d_out in the interpolative form."""
+        root of r (d_in + d_out - r) + min(d_in, d_out) = b d_in d_out in the interpolative form."""
         target = module_budget * self.d_in * self.d_out
         pair = max(1, math.floor(target / (self.d_in + self.d_out)))
         if not self.interp:
             return pair
-        s, side = self.d_in + self.d_out, min(self.d_in, self.d_out)
+        s, side = self.d_in + self.d_out, self.interp_indices
         r = math.floor((s - math.sqrt(max(s * s - 4 * (target - side), 0.0))) / 2)
-        r = max(pair, min(r, min(self.d_in, self.d_out) - 1))
+        r = max(pair, min(r, side - 1))
         while r > pair and self.factor_params(r) - self.added_bias > target:  # float rounding of the root
             r -= 1
         return r

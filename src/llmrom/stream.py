@@ -349,7 +349,7 @@ def compress_streaming(source, out_dir, config, *, resume=False, overwrite=False
     layout = layout_for(skeleton)
     blocks = skeleton.get_submodule(layout.blocks_path)
     n = len(blocks)
-    shapes = linear_shapes(skeleton, layout, config.centered, config.factors == "interpolative")
+    shapes = linear_shapes(skeleton, layout, config.centered, config.interpolative)
     before = {"parameters": count_params(skeleton), "macs_per_token": macs_per_token(skeleton)}
     if tokenizer is None:
         tokenizer = _tokenizer(folder, needed=tokens is None)
