@@ -89,8 +89,8 @@ BASELINES = ("svd", "svd-llm", "rom-uncentred")  # issue 4's item 1: weight SVD,
 
 
 # llmrom's configurations: the default and its options
-OURS = ("rom", "rom-pair", "rom-blocks", "rom-interp", "rom-correct", "rom-sparse", "rom-sparse50", "rom-sparse-lean", "rom-welore",
-        "rom-welore-sparse", "rom-global", "rom-loss", "rom-loss-nonseq")
+OURS = ("rom", "rom-pair", "rom-blocks", "rom-interp", "rom-interp-sparse", "rom-correct", "rom-sparse", "rom-sparse50",
+        "rom-sparse-lean", "rom-welore", "rom-welore-sparse", "rom-global", "rom-loss", "rom-loss-nonseq")
 
 
 def target_table(by_model):

@@ -59,6 +59,7 @@ VARIANTS = {  # name: CompressConfig fields that differ from the defaults
     "svd-llm": {"method": "whitened_svd", "centered": False, "sequential": False, "last_blocks": "all", **PAIR},
     "rom-correct": {"correct": True, **PAIR},  # calibrated toward the dense model's outputs (methods.rom_corrected)
     "rom-sparse": {"sparse": 0.25, **PAIR},  # a quarter of each module's budget to a sparse residual (llmrom.sparse)
+    "rom-interp-sparse": {"sparse": 0.25},  # the default rom plus that sparse residual
     "rom-sparse50": {"sparse": 0.5, **PAIR},  # half of it
     "rom-sparse-lean": {"sparse": 0.25, "sparse_modules": "lean", **PAIR},  # not on down_proj: memory stays as rom's
     "rom-welore": {"policy": "welore", **PAIR},  # ROM with WeLore's spectrum-based ranks over all blocks
@@ -79,7 +80,7 @@ REFERENCE = "rom-blocks"  # chooses N automatically for the blocks alone; same-b
 def same_blocks(variant):
     """Whether the variant compresses the blocks the reference variant chose, with the embedding dense
     (else it has its own policy: the default rom and rom-pair, which plan the embedding with the blocks, included)."""
-    return variant not in ("rom", "rom-pair") and not {"last_blocks", "policy"} & set(VARIANTS[variant])
+    return variant not in ("rom", "rom-pair", "rom-interp-sparse") and not {"last_blocks", "policy"} & set(VARIANTS[variant])
 
 
 def parse_args(argv=None):

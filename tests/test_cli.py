@@ -72,6 +72,7 @@ def test_existing_output_is_refused_then_overwritten(tiny_folder, tmp_path, caps
     (["{tiny}", "--budget", "0.99", "--last-blocks", "7"], "between 1 and 2"),
     (["{tiny}", "--budget", "0.9", "--ranks-file", "/no/ranks.json"], "ranks file"),
     (["{tiny}", "--budget", "0.9", "--device", "tpu9"], "is not a device"),
+    (["{tiny}", "--budget", "0.9", "--plan-trials", "-1"], "--plan-trials must be a whole number"),
     (["{tiny}", "--budget", "0.9", "--centered", "--export", "dense"], "add --no-centered"),
     (["{tiny}", "--budget", "0.9", "--correct", "--no-sequential"], "--no-sequential"),
     (["{tiny}", "--budget", "0.9", "--correct", "--method", "svd"], "--method rom only"),

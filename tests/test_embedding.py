@@ -7,13 +7,15 @@ import transformers
 import llmrom
 from llmrom.api import linear_shapes, loop_options
 from llmrom.arch import layout_for
-from llmrom.autoplan import choose_last_n
+from llmrom.autoplan import choose_last_n, trial_loss
 from llmrom.config import CompressConfig
 from llmrom.cost import count_params, linear_macs_per_token
 from llmrom.embedding import embedding_basis, embedding_shape, factorize_embedding
 from llmrom.errors import LlmromError
-from llmrom.factorized import FactorizedEmbedding, FactorizedHead
-from llmrom.ranks import feasible_last_n
+from llmrom.factorized import FactorizedEmbedding, FactorizedHead, FactorizedLinear
+from llmrom.perplexity import mean_nll
+from llmrom.pipeline import compress_blocks
+from llmrom.ranks import feasible_last_n, last_blocks_plan
 
 from conftest import TinyTokenizer, calib_tokens, tiny_model
 
@@ -111,9 +113,53 @@ def test_automatic_plan_scores_embedding_shares_and_restores_the_weights():
                                             embedding=embedding_shape(model), total=total, budget=budget)
     ranks = {c["embedding_rank"] for c in info["candidates"]}
     assert None in ranks and len(ranks) > 1  # the dense embedding and some factorized shares were scored
-    best = min(info["candidates"], key=lambda c: c["proxy_calib_loss"])
+    finalists = [c for c in info["candidates"] if "trial_calib_loss" in c]
+    kinds = {(c["embedding_rank"] is not None, c["last_blocks"] > 0) for c in info["candidates"]}
+    assert len(finalists) == len(kinds) > 1  # one trial compression per kind of candidate
+    for c in finalists:  # each is its kind's best by the proxy
+        assert c["proxy_calib_loss"] == min(o["proxy_calib_loss"] for o in info["candidates"]
+                                            if (o["embedding_rank"] is not None, o["last_blocks"] > 0) ==
+                                            (c["embedding_rank"] is not None, c["last_blocks"] > 0))
+    best = min(finalists, key=lambda c: c["trial_calib_loss"])
     assert (rank, last_n, b) == (best["embedding_rank"], best["last_blocks"], best["module_budget"])
     assert all(torch.equal(v, dense[k]) for k, v in model.state_dict().items())
+    assert not any(isinstance(m, FactorizedLinear) for m in model.modules())  # the trials' blocks were put back
+
+
+def test_without_trials_the_proxy_alone_decides():
+    model = tiny_model("llama")
+    layout = layout_for(model)
+    shapes = linear_shapes(model, layout, False)
+    total, budget = count_params(model), 0.85
+    opts = loop_options(CompressConfig(budget=budget, batch_size=4), progress=False)
+    choice, info = choose_last_n(model, layout, shapes, 2, feasible_last_n(budget, total, shapes, 2),
+                                 calib_tokens(16, 16), opts, n_profile=8, n_eval=8, embedding=embedding_shape(model),
+                                 total=total, budget=budget, trial_windows=0)
+    best = min(info["candidates"], key=lambda c: c["proxy_calib_loss"])
+    assert choice == (best["embedding_rank"], best["last_blocks"], best["module_budget"])
+    assert not any("trial_calib_loss" in c for c in info["candidates"])
+
+
+def test_trial_loss_is_the_loss_of_that_plan_compressed():
+    """A finalist's trial score is exactly the held-out loss of the model compressed with its plan
+    (embedding projected, then the sequential loop on the trial windows), and it leaves the model dense."""
+    model = tiny_model("llama")
+    layout, emb = layout_for(model), embedding_shape(model)
+    shapes = linear_shapes(model, layout, True, interp=True)
+    opts = loop_options(CompressConfig(budget=0.8, batch_size=4), progress=False)
+    calib, held = calib_tokens(8, 16), calib_tokens(4, 16, seed=5)
+    row = {"embedding_rank": 24, "last_blocks": 1, "module_budget": 0.5}
+    dense = {k: v.clone() for k, v in model.state_dict().items()}
+    score = trial_loss(model, layout, shapes, 2, row, emb, calib, held, opts)
+    assert all(torch.equal(v, dense[k]) for k, v in model.state_dict().items())
+
+    w = model.get_submodule(emb.name).weight
+    vecs = embedding_basis(w.data, calib)[1][:, :24].to(w.dtype)
+    w.data = (w.data @ vecs) @ vecs.T
+    records = compress_blocks(model, layout, calib, last_blocks_plan(shapes, 2, 1, 0.5), opts)
+    assert records and all(r.name.startswith(f"{layout.blocks_path}.1.") for r in records)
+    assert score == pytest.approx(mean_nll(model, held), rel=1e-6)
+    assert score != pytest.approx(mean_nll(tiny_model("llama"), held), rel=1e-4)  # not the dense model's loss
 
 
 def test_default_compress_meets_the_budget_whatever_it_chooses():

@@ -104,9 +104,9 @@ def test_profiling_holds_one_block_of_statistics(monkeypatch, where, policy):
                                 tokens=calib_tokens(), progress=False)
     n_blocks, groups = len(dense.model.layers), 4  # q/k/v, o, gate/up, down
     assert len(seen) >= 7 and max(seen) <= groups  # never two blocks' moments at once
-    if where == "autoplan":  # the automatic choice: the candidate with the lowest proxy loss, within budget
+    if where == "autoplan":  # the automatic choice: the finalist with the lowest trial loss, within budget
         auto = report["plan"]["auto"]
-        best = min(auto["candidates"], key=lambda c: c["proxy_calib_loss"])
+        best = min((c for c in auto["candidates"] if "trial_calib_loss" in c), key=lambda c: c["trial_calib_loss"])
         assert report["plan"]["last_blocks"] == best["last_blocks"] and report["totals"]["kept_fraction"] <= 0.85
     else:
         assert len(seen) == 7 * n_blocks

@@ -86,7 +86,7 @@ def choose_plan(model, layout, shapes, total, tokens, cfg, opts):
         candidates = feasible_last_n(budget, total, shapes, n_blocks)
         (rank, last_n, b), auto = choose_last_n(model, layout, shapes, n_blocks, candidates, tokens, opts,
                                                 embedding=emb if emb_rank is None else None, total=total,
-                                                budget=budget)
+                                                budget=budget, trial_windows=cfg.plan_trials)
         emb_rank = emb_rank if rank is None else rank
         plan = last_blocks_plan(shapes, n_blocks, last_n, b) if last_n else {}
         info = {"policy": "last-blocks (automatic)", "last_blocks": last_n, "module_budget": b, "auto": auto}

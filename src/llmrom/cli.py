@@ -32,7 +32,7 @@ def _add_config_options(p):
         else:
             kind = {"budget": float, "module_budget": float, "embedding_budget": float, "last_blocks": int,
                     "nsamples": int, "seqlen": int, "seed": int, "batch_size": int, "sparse": float,
-                    "sparse_rounds": int}.get(name, str)
+                    "sparse_rounds": int, "plan_trials": int}.get(name, str)
             p.add_argument(flag, type=kind, default=default, help=help_text)  # the formatter adds the default
 
 

@@ -62,6 +62,12 @@ class CompressConfig:
                                     "(ranks across all blocks by calibration output energy per parameter) or loss "
                                     "(a module budget per block, from each block's measured calibration-loss "
                                     "increase)")
+    plan_trials: int = _f(64, "automatic last-N plan: the best candidate of each kind (blocks alone, token "
+                              "embedding alone, both) by the cheap non-sequential proxy is compressed for real on "
+                              "this many calibration windows and the lowest held-out calibration loss wins. A "
+                              "safety net: in the committed benchmark rows it agreed with the proxy every time, "
+                              "at about one more compression of the chosen blocks per kind; holds a copy of the "
+                              "trial blocks meanwhile. 0: the proxy alone decides")
     method: str = _f("rom", "factorization: rom (the paper's output PCA), svd (plain weight SVD baseline) or "
                             "whitened_svd (SVD-LLM's activation-whitened SVD baseline)")
     factors: str = _f("interpolative", "how the two factors are stored: interpolative (r rows or columns of one "
@@ -145,6 +151,8 @@ class CompressConfig:
         check_correction(self.correct, self.sequential, self.method, self.sparse)
         if self.factors not in FACTOR_FORMS:
             raise LlmromError(f"--factors must be one of {', '.join(FACTOR_FORMS)}, got {self.factors!r}")
+        if isinstance(self.plan_trials, bool) or not isinstance(self.plan_trials, int) or self.plan_trials < 0:
+            raise LlmromError(f"--plan-trials must be a whole number of windows (0: off), got {self.plan_trials!r}")
         for name in ("nsamples", "seqlen", "batch_size"):
             if getattr(self, name) < 1:
                 raise LlmromError(f"--{name} must be a positive integer, got {getattr(self, name)}")
