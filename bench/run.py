@@ -79,8 +79,10 @@ REFERENCE = "rom-blocks"  # chooses N automatically for the blocks alone; same-b
 
 def same_blocks(variant):
     """Whether the variant compresses the blocks the reference variant chose, with the embedding dense
-    (else it has its own policy: the default rom and rom-pair, which plan the embedding with the blocks, included)."""
-    return variant not in ("rom", "rom-pair", "rom-interp-sparse") and not {"last_blocks", "policy"} & set(VARIANTS[variant])
+    (else it has its own policy: the default rom, rom-pair and rom-interp-sparse, which plan the embedding with the
+    blocks, included)."""
+    planned = ("rom", "rom-pair", "rom-interp-sparse")
+    return variant not in planned and not {"last_blocks", "policy"} & set(VARIANTS[variant])
 
 
 def parse_args(argv=None):
