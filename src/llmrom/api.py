@@ -125,7 +125,8 @@ def compress(model, tokenizer, config: CompressConfig, progress=True, tokens=Non
     opts = loop_options(config, progress)
     plan, emb_rank, plan_info = choose_plan(model, layout, shapes, before["parameters"], tokens, config, opts)
     if emb_rank is not None:  # first, so that every block is calibrated on the factorized embedding's outputs
-        plan_info["embedding"].update(factorize_embedding(model, embedding_shape(model), tokens, emb_rank))
+        plan_info["embedding"].update(factorize_embedding(model, embedding_shape(model), tokens, emb_rank,
+                                                             progress=progress))
     records = compress_blocks(model, layout, tokens, plan, opts)
     after = {"parameters": count_params(model), "macs_per_token": macs_per_token(model)}
     report = build_report(config, plan_info, tokens, before, after, records, time.perf_counter() - t0,

@@ -38,7 +38,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .arch import weight_matrix
-from .embedding import GRID as EMBEDDING_GRID, embedding_basis
+from .embedding import GRID as EMBEDDING_GRID, embedding_basis, head_input_moment
 from .errors import LlmromError, NonFiniteError
 from .methods import output_eigh
 from .perplexity import mean_nll
@@ -211,11 +211,12 @@ def _trial_windows(tokens, n_profile, n_eval, count):
     return torch.cat([tokens[:n_profile], tokens[n_profile + n_eval:]])[:count]
 
 
-def trial_loss(model, layout, shapes, n_blocks, row, embedding, calib, held, opts):
+def trial_loss(model, layout, shapes, n_blocks, row, embedding, basis, calib, held, opts):
     """Calibration loss on `held` after the candidate `row` is applied for real: the embedding
-    projected onto its top eigenvectors, then the last N blocks compressed by the sequential loop
-    (with `opts`: centring, factor form, sparse residual) on `calib`. Works on copies of those blocks
-    and puts the dense ones back, so the model is unchanged afterwards."""
+    projected onto the top eigenvectors of `basis` (embedding_basis's, the proxy's), then the last N
+    blocks compressed by the sequential loop (with `opts`: centring, factor form, sparse residual) on
+    `calib`. Works on copies of those blocks and puts the dense ones back, so the model is unchanged
+    afterwards."""
     blocks = model.get_submodule(layout.blocks_path)
     originals, weight = list(blocks), None
     plan = last_blocks_plan(shapes, n_blocks, row["last_blocks"], row["module_budget"]) if row["last_blocks"] else {}
@@ -223,8 +224,7 @@ def trial_loss(model, layout, shapes, n_blocks, row, embedding, calib, held, opt
         if row["embedding_rank"] is not None:
             weight = model.get_submodule(embedding.name).weight
             dense = weight.data
-            vecs = embedding_basis(dense, calib)[1][:, :row["embedding_rank"]].to(device=dense.device,
-                                                                                  dtype=dense.dtype)
+            vecs = basis[:, :row["embedding_rank"]].to(device=dense.device, dtype=dense.dtype)
             weight.data = (dense @ vecs) @ vecs.T
         for i in range(n_blocks - row["last_blocks"], n_blocks):
             blocks[i] = copy.deepcopy(originals[i])
@@ -251,7 +251,8 @@ def choose_last_n(model, layout, shapes, n_blocks, candidates, tokens, opts, n_p
     errors of earlier ones, while it scores the embedding almost exactly, so kinds of candidates may be
     ranked unfairly against each other. The best candidate of each kind (blocks alone, embedding
     alone, both) is therefore compressed for real on `trial_windows` calibration windows and the
-    lowest held-out loss wins (0: the proxy alone decides)."""
+    lowest held-out loss wins (0: the proxy alone decides). The embedding's basis (with a tied head's
+    input moment: embedding.embedding_basis) is computed once, on the profile windows, for both."""
     t0 = time.perf_counter()
     options = _embedding_options(embedding, total, budget, shapes, n_blocks, candidates, k)
     if not options:
@@ -262,10 +263,12 @@ def choose_last_n(model, layout, shapes, n_blocks, candidates, tokens, opts, n_p
     widest = last_blocks_plan(shapes, n_blocks, max(n for n, _ in flat), max(b for _, b in flat)) if flat else {}
     proxy = ProjectionProxy(model, layout, widest, profile, held, opts)
     table = _score_last_n(proxy, shapes, n_blocks, options.get(None, []), opts.progress, embedding_rank=None)
+    basis = None
     if any(r is not None for r in options):
         w = model.get_submodule(embedding.name).weight
         dense = w.data
-        vecs = embedding_basis(dense, profile)[1].to(device=dense.device, dtype=dense.dtype)
+        basis = embedding_basis(dense, profile, head_input_moment(model, embedding, profile))[1]
+        vecs = basis.to(device=dense.device, dtype=dense.dtype)
         try:
             for rank, blocks in options.items():
                 if rank is not None:
@@ -278,7 +281,8 @@ def choose_last_n(model, layout, shapes, n_blocks, candidates, tokens, opts, n_p
     if len(finalists) > 1 and trial_windows:
         calib = _trial_windows(tokens, n_profile, n_eval, trial_windows)
         for row in tqdm(finalists, desc="trial compressions", disable=not opts.progress, leave=False):
-            row["trial_calib_loss"] = trial_loss(model, layout, shapes, n_blocks, row, embedding, calib, held, opts)
+            row["trial_calib_loss"] = trial_loss(model, layout, shapes, n_blocks, row, embedding, basis, calib, held,
+                                                 opts)
         best = min(finalists, key=lambda r: r["trial_calib_loss"])
         criterion = (f"calibration loss of the non-sequential ROM projection, then of a trial compression "
                      f"(on {len(calib)} windows) of the best candidate of each kind")

@@ -6,6 +6,16 @@ eigenvectors P give E ~ (E P) P^T, stored as a (vocab x r) table and an (r -> di
 output layer shares the table: logits = (E P) (P^T h). Uncentred, because the tied head has no bias
 to restore a mean into.
 
+A tied table is two layers in one, and P serves both: the lookup (whose error is the part of the
+used rows outside P) and the output layer (whose error is the part of the final hidden states h
+outside P). So with a tied head P comes from a mix of both second moments, E^T diag(count) E / n
+and E[h h^T], each divided by its trace so that neither side's scale decides: (1 - s) of the first
+plus s of the second, s = HEAD_SHARE = 0.5. The lookup's moment alone knows only the tokens the
+calibration text uses; at one rank of the table alone, equal shares beat it on the tutorial text
+by far, and beat the hidden states' moment alone (bench/embedding_basis.py measures it). Choosing s
+by held-out calibration loss was tried and dropped: on SmolLM2 it picked 0.9, which lowered the
+calibration loss and raised the tutorial perplexity at budget 0.7 (37.20 against 36.94).
+
 Why it matters: the block linears are only part of a model. Gemma-3-270M's 262k-token embedding is
 63% of its parameters, SmolLM2-135M's 21%, Qwen2.5-Coder-0.5B's input embedding 22%; a whole-model
 budget met from the blocks alone has to cut them far deeper. The automatic plan (llmrom.autoplan)
@@ -16,11 +26,13 @@ import math
 from dataclasses import dataclass
 
 import torch
+from tqdm.auto import tqdm
 
 from .errors import LlmromError, NonFiniteError
 from .factorized import FactorizedEmbedding, factorize_embedding_modules
 
 GRID = (0.9, 0.8, 0.7, 0.6, 0.5, 0.4)  # kept fractions of the embedding's parameters the automatic plan scores
+HEAD_SHARE = 0.5  # a tied head's share of the moment that gives the embedding's basis (module docstring)
 
 
 @dataclass(frozen=True)
@@ -76,10 +88,51 @@ def check_embedding_budget(fraction, shape):
     return rank
 
 
+class _HeadReached(Exception):
+    """Ends a forward at the output layer once its input is recorded: the logits are not needed."""
+
+
 @torch.no_grad()
-def embedding_basis(weight, tokens):
+def head_input_moment(model, shape, tokens, batch_size=8, progress=False):
+    """Uncentred second moment (dim x dim, float64, on the CPU) of the tied output layer's inputs (the
+    final hidden states) on `tokens`, from forwards of the model as it is; None when the head is not
+    tied to the embedding (its inputs then do not meet this table)."""
+    if shape.head is None:
+        return None
+    acc, seen = torch.zeros(shape.dim, shape.dim, dtype=torch.float64), [0]
+
+    def record(module, args):
+        h = args[0].reshape(-1, shape.dim).to(torch.float64)
+        acc.add_((h.T @ h).cpu())
+        seen[0] += h.shape[0]
+        raise _HeadReached
+
+    handle = model.get_submodule(shape.head).register_forward_pre_hook(record)
+    device = next(model.parameters()).device
+    try:
+        for start in tqdm(range(0, len(tokens), batch_size), desc="output-layer inputs", disable=not progress,
+                          leave=False):
+            try:
+                model(input_ids=tokens[start:start + batch_size].to(device), use_cache=False)
+            except _HeadReached:
+                pass
+    finally:
+        handle.remove()
+    if not seen[0]:
+        raise LlmromError(f"the model's forward never called its output layer {shape.head}; factorize the "
+                          "embedding with --embedding-budget 1 (dense)")
+    moment = acc / seen[0]
+    if not torch.isfinite(moment).all():
+        raise NonFiniteError(f"non-finite final hidden states (inputs of {shape.head}) on the calibration text; "
+                             "check the weights")
+    return moment
+
+
+@torch.no_grad()
+def embedding_basis(weight, tokens, head_moment=None, head_share=HEAD_SHARE):
     """(eigenvalues, eigenvectors) of the embedding's output second moment on `tokens`, descending,
-    in float64."""
+    in float64; with `head_moment` (a tied head's, from head_input_moment), of the mix of the two
+    moments, each divided by its trace, `head_share` of the head's (see the module's docstring)."""
     counts = torch.bincount(tokens.flatten().cpu(), minlength=weight.shape[0]).to(torch.float64)
     if counts.numel() > weight.shape[0]:
         raise LlmromError(f"calibration token id {counts.numel() - 1} is outside the embedding's vocabulary "
@@ -89,16 +142,20 @@ def embedding_basis(weight, tokens):
     moment = (rows * counts[used, None]).T @ rows / counts.sum()
     if not torch.isfinite(moment).all():
         raise NonFiniteError("non-finite values in the token embedding's calibration moments; check the weights")
+    if head_moment is not None:
+        if not 0 <= head_share <= 1:
+            raise LlmromError(f"head_share {head_share} must be in [0, 1]")
+        moment = (1 - head_share) * moment / moment.trace() + head_share * head_moment / head_moment.trace()
     vals, vecs = torch.linalg.eigh(moment)
     return vals.flip(0), vecs.flip(1)
 
 
 @torch.no_grad()
-def factorize_embedding(model, shape, tokens, rank):
+def factorize_embedding(model, shape, tokens, rank, head_share=HEAD_SHARE, progress=False):
     """Replace the embedding (and its tied head) by rank-`rank` factors in place; returns a record."""
     old = model.get_submodule(shape.name)
     w = old.weight.detach()
-    vals, vecs = embedding_basis(w, tokens)
+    vals, vecs = embedding_basis(w, tokens, head_input_moment(model, shape, tokens, progress=progress), head_share)
     p = vecs[:, :rank].to(device=w.device, dtype=w.dtype)
     table = w @ p
     if not torch.isfinite(table).all():
@@ -109,7 +166,8 @@ def factorize_embedding(model, shape, tokens, rank):
     if head is not None:
         head.down.weight.copy_(p.T)
     explained = float(vals[:rank].sum() / vals.clamp_min(0).sum())
-    return {"explained": explained, "parameters_before": shape.dense_params,
+    return {"explained": explained, "head_share": head_share if shape.head else None,
+            "parameters_before": shape.dense_params,
             "parameters_after": shape.factor_params(rank)}
 
 
