@@ -12,8 +12,8 @@ default), 0.9 and 1 (E[h h^T] alone). Both moments come from the first 32 calibr
 the automatic plan, and each row reports the loss on the plan's 16 held calibration windows (what a
 choice of s by calibration would go by) and the perplexity on the benchmark's evaluation windows
 (the blocks dense; the dense perplexity is in bench/results/summary.md). Gemma-3-270M's rank 535 is
-the embedding alone at budget 0.9. Calibration and evaluation are bench/run.py's (pydoc, seed 0; the tutorial, 40 windows x
-512 tokens). Writes bench/results/embedding_basis.json and .md.
+the embedding alone at budget 0.9. Calibration and evaluation are bench/run.py's (pydoc, seed 0;
+the tutorial, 40 windows x 512 tokens). Writes bench/results/embedding_basis.json and .md.
 """
 
 import argparse
