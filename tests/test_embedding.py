@@ -101,6 +101,16 @@ def test_head_input_moment_is_the_second_moment_of_the_heads_inputs(family_name)
     torch.testing.assert_close(head_input_moment(model, shape, ids, batch_size=4), h.T @ h / len(h))
 
 
+def test_a_token_id_outside_the_vocabulary_is_named_before_any_forward():
+    model = tiny_model("llama")
+    shape, ids = embedding_shape(model), calib_tokens(4, 16)
+    ids[0, 3] = shape.vocab + 5
+    for call in (lambda: head_input_moment(model, shape, ids), lambda: factorize_embedding(model, shape, ids, 8)):
+        with pytest.raises(LlmromError, match=f"token id {shape.vocab + 5} is outside the embedding's vocabulary"):
+            call()
+    assert not isinstance(model.get_input_embeddings(), FactorizedEmbedding)
+
+
 @pytest.mark.parametrize("family_name", ["llama", "qwen2", "gemma3"])
 def test_explicit_embedding_budget_meets_the_budget_and_round_trips(family_name, tmp_path):
     model = tiny_model(family_name)

@@ -88,6 +88,16 @@ def check_embedding_budget(fraction, shape):
     return rank
 
 
+def token_counts(tokens, vocab):
+    """How often each token id occurs in `tokens` (float64, length `vocab`), or an LlmromError naming
+    an id outside the vocabulary (checked before any forward, which would fail inside torch)."""
+    counts = torch.bincount(tokens.flatten().cpu(), minlength=vocab).to(torch.float64)
+    if counts.numel() > vocab:
+        raise LlmromError(f"calibration token id {counts.numel() - 1} is outside the embedding's vocabulary "
+                          f"({vocab}); the tokenizer does not belong to this model")
+    return counts
+
+
 class _HeadReached(Exception):
     """Ends a forward at the output layer once its input is recorded: the logits are not needed."""
 
@@ -99,6 +109,7 @@ def head_input_moment(model, shape, tokens, batch_size=8, progress=False):
     tied to the embedding (its inputs then do not meet this table)."""
     if shape.head is None:
         return None
+    token_counts(tokens, shape.vocab)
     acc, seen = torch.zeros(shape.dim, shape.dim, dtype=torch.float64), [0]
 
     def record(module, args):
@@ -133,10 +144,7 @@ def embedding_basis(weight, tokens, head_moment=None, head_share=HEAD_SHARE):
     """(eigenvalues, eigenvectors) of the embedding's output second moment on `tokens`, descending,
     in float64; with `head_moment` (a tied head's, from head_input_moment), of the mix of the two
     moments, each divided by its trace, `head_share` of the head's (see the module's docstring)."""
-    counts = torch.bincount(tokens.flatten().cpu(), minlength=weight.shape[0]).to(torch.float64)
-    if counts.numel() > weight.shape[0]:
-        raise LlmromError(f"calibration token id {counts.numel() - 1} is outside the embedding's vocabulary "
-                          f"({weight.shape[0]}); the tokenizer does not belong to this model")
+    counts = token_counts(tokens, weight.shape[0])
     used = counts.nonzero().flatten()
     rows = weight.detach()[used.to(weight.device)].to(device="cpu", dtype=torch.float64)
     moment = (rows * counts[used, None]).T @ rows / counts.sum()
