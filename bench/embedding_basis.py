@@ -7,8 +7,8 @@ A tied table E serves the lookup (error: the used rows outside the basis P) and 
 (error: the final hidden states h outside P). For each model the table alone is projected, E P P^T,
 at one rank, with P the top eigenvectors of (1 - s) M_lookup / tr + s M_head / tr
 (llmrom.embedding.embedding_basis), for the head's share s = 0 (the lookup's moment
-E^T diag(count) E / n alone: llmrom before the head took part), 0.5 (embedding.HEAD_SHARE, the
-default), 0.9 and 1 (E[h h^T] alone). Both moments come from the first 32 calibration windows, as in
+E^T diag(count) E / n alone: llmrom before the head took part), 0.5 (equal shares), 0.75
+(embedding.HEAD_SHARE, the default), 0.9 and 1 (E[h h^T] alone). Both moments come from the first 32 calibration windows, as in
 the automatic plan, and each row reports the loss on the plan's 16 held calibration windows (what a
 choice of s by calibration would go by) and the perplexity on the benchmark's evaluation windows
 (the blocks dense; the dense perplexity is in bench/results/summary.md). Gemma-3-270M's rank 535 is
@@ -35,7 +35,7 @@ from llmrom.perplexity import mean_nll  # noqa: E402
 from llmrom.textdata import calibration_windows, eval_windows, load_text  # noqa: E402
 
 RANKS = {"smollm2-135m": 400, "gemma3-270m": 535}
-SHARES = (0.0, 0.5, 0.9, 1.0)
+SHARES = (0.0, 0.5, 0.75, 0.9, 1.0)
 PROFILE, HELD = 32, 16  # the automatic plan's windows (autoplan.choose_last_n)
 
 
