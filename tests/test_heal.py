@@ -69,8 +69,11 @@ def test_heal_trains_when_gradients_are_off_globally(compressed, tok, texts):
 def test_only_the_factors_change_and_the_size_stays(compressed, tok, texts, mode):
     model = copy.deepcopy(compressed[0])
     before = params_of(model)
-    ev = eval_windows(tok, texts[1], 32, 2)
-    rec = heal(model, tok, texts[0], HealConfig(mode=mode, lr=1e-3, **FAST), eval_windows=ev, progress=False)
+    # scored on the training text at a small lr, so every evaluation improves and healing keeps its steps:
+    # under transformers 5.25 the tiny model at lr 1e-3 never beat its held-out start, healing kept the
+    # input weights, and this test saw no factor change
+    ev = eval_windows(tok, texts[0], 32, 2)
+    rec = heal(model, tok, texts[0], HealConfig(mode=mode, lr=1e-4, **FAST), eval_windows=ev, progress=False)
     after = params_of(model)
     assert after.keys() == before.keys()  # adapters merged away: same tensors, same shapes
     assert all(after[n].shape == before[n].shape for n in before)
