@@ -142,7 +142,7 @@ def test_corrected_beats_rom_against_the_dense_target(d_in, d_out, centered, ran
     f_c, f_r = rom_corrected(w, b, cross(x, x_hat, chunk=300), rank, centered), rom(w, b, hat, rank, centered)
     e_c, e_r = dense_error(x, x_hat, w, b, f_c), dense_error(x, x_hat, w, b, f_r)
     assert e_c < 0.9 * e_r
-    assert f_c.residual == pytest.approx(e_c, rel=1e-6)
+    assert f_c.residual == pytest.approx(e_c, rel=1e-5)  # float32 rounding: 1.4e-6 seen on a fresh machine
     y = x @ w.T + b
     assert f_c.output_energy == pytest.approx((y ** 2).sum(1).mean().item(), rel=1e-6)
     assert 0 < f_c.explained < 1 and 0 < f_c.relative_error < 1
