@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 
 from .errors import LlmromError, NonFiniteError
 from .factorized import FactorizedEmbedding, factorize_embedding_modules
+from .methods import explained_fraction
 
 GRID = (0.9, 0.8, 0.7, 0.6, 0.5, 0.4)  # kept fractions of the embedding's parameters the automatic plan scores
 HEAD_SHARE = 0.75  # a tied head's share of the moment that gives the embedding's basis (module docstring)
@@ -178,7 +179,7 @@ def factorize_embedding(model, shape, tokens, rank, head_share=HEAD_SHARE, progr
     emb.up.weight.copy_(p)
     if head is not None:
         head.down.weight.copy_(p.T)
-    explained = float(vals[:rank].sum() / vals.clamp_min(0).sum())
+    explained = explained_fraction(vals, rank)
     return {"explained": explained, "head_share": head_share if shape.head else None,
             "parameters_before": shape.dense_params,
             "parameters_after": shape.factor_params(rank)}

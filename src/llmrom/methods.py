@@ -29,6 +29,14 @@ import torch
 from .errors import NonFiniteError
 
 
+def explained_fraction(spectrum, rank):
+    """Share of the non-negative spectrum (descending) kept by its top `rank` values, in [0, 1]."""
+    s = spectrum.clamp_min(0).double()
+    total = float(s.sum())
+    # a fraction of the total: a partial sum can round one ulp above it (seen: 1.0000000000000002)
+    return min(1.0, float(s[:rank].sum()) / total) if total > 0 else 1.0
+
+
 @dataclass
 class Factors:
     first: torch.Tensor  # (r, d_in)
@@ -41,10 +49,7 @@ class Factors:
 
     @property
     def explained(self):
-        s = self.spectrum.clamp_min(0).double()
-        total = float(s.sum())
-        # a fraction of the total: a partial sum can round one ulp above it (seen: 1.0000000000000002)
-        return min(1.0, float(s[:self.first.shape[0]].sum()) / total) if total > 0 else 1.0
+        return explained_fraction(self.spectrum, self.first.shape[0])
 
     @property
     def relative_error(self):
