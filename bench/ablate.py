@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))  # bench/run.py, also when this file is loaded by path (tests)
 import run  # noqa: E402
-from llmrom.io import write_json_atomic  # noqa: E402
+from llmrom.modeling.io import write_json_atomic  # noqa: E402
 
 HERE = Path(__file__).parent
 SETTINGS = {  # name: (calib, nsamples, seqlen)

@@ -6,7 +6,7 @@
 A tied table E serves the lookup (error: the used rows outside the basis P) and the output layer
 (error: the final hidden states h outside P). For each model the table alone is projected, E P P^T,
 at one rank, with P the top eigenvectors of (1 - s) M_lookup / tr + s M_head / tr
-(llmrom.embedding.embedding_basis), for the head's share s = 0 (the lookup's moment
+(llmrom.plan.embedding.embedding_basis), for the head's share s = 0 (the lookup's moment
 E^T diag(count) E / n alone: llmrom before the head took part), 0.5 (equal shares), 0.75
 (embedding.HEAD_SHARE, the default), 0.9 and 1 (E[h h^T] alone). Both moments come from the first 32 calibration windows, as in
 the automatic plan, and each row reports the loss on the plan's 16 held calibration windows (what a
@@ -28,11 +28,11 @@ sys.path.insert(0, str(Path(__file__).parent))  # bench/run.py
 import run  # noqa: E402
 
 import llmrom  # noqa: E402
-from llmrom.embedding import embedding_basis, embedding_shape, head_input_moment  # noqa: E402
-from llmrom.evaluate import environment  # noqa: E402
-from llmrom.io import write_json_atomic  # noqa: E402
-from llmrom.perplexity import mean_nll  # noqa: E402
-from llmrom.textdata import calibration_windows, eval_windows, load_text  # noqa: E402
+from llmrom.plan.embedding import embedding_basis, embedding_shape, head_input_moment  # noqa: E402
+from llmrom.eval.evaluate import environment  # noqa: E402
+from llmrom.modeling.io import write_json_atomic  # noqa: E402
+from llmrom.eval.perplexity import mean_nll  # noqa: E402
+from llmrom.data.textdata import calibration_windows, eval_windows, load_text  # noqa: E402
 
 RANKS = {"smollm2-135m": 400, "gemma3-270m": 535}
 SHARES = (0.0, 0.5, 0.75, 0.9, 1.0)

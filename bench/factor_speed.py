@@ -5,7 +5,7 @@
 
 For each (d_in, d_out) and module budget b, three layers of the same input and output: the dense
 nn.Linear, the factor pair at the paper's rank for b, and the interpolative form at its (larger)
-rank for the same b (llmrom.interp: same parameters, up to rounding; the identity on the smaller side,
+rank for the same b (llmrom.factor.interp: same parameters, up to rounding; the identity on the smaller side,
 as compression puts it). Each is timed on a decode
 step (1 token) and a prefill (512 tokens), rounds interleaved (dense, pair, interpolative, dense,
 ...), median per layer; ratios are to the dense layer of the same round set. Writes
@@ -19,11 +19,11 @@ from pathlib import Path
 
 import torch
 
-from llmrom.evaluate import environment
-from llmrom.factorized import FactorizedLinear
-from llmrom.interp import side_for
-from llmrom.io import write_json_atomic
-from llmrom.ranks import LinearShape
+from llmrom.eval.evaluate import environment
+from llmrom.modeling.factorized import FactorizedLinear
+from llmrom.factor.interp import side_for
+from llmrom.modeling.io import write_json_atomic
+from llmrom.plan.ranks import LinearShape
 
 SHAPES = {"smollm2 attn": (576, 576), "smollm2 up": (576, 1536), "smollm2 down": (1536, 576),
           "7b attn": (4096, 4096), "7b up": (4096, 11008), "7b down": (11008, 4096)}

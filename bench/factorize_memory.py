@@ -59,8 +59,8 @@ def chunks(tokens, chunk, dtype):
 @torch.no_grad()
 def child(args):
     """One path in this (fresh) process; prints a JSON line and saves the factors to args.save."""
-    from llmrom.methods import rom, rom_from_outputs
-    from llmrom.stats import Moments
+    from llmrom.factor.methods import rom, rom_from_outputs
+    from llmrom.factor.stats import Moments
 
     dtype = getattr(torch, args.dtype)
     w = weight(dtype)

@@ -26,9 +26,9 @@ import torch
 import transformers
 
 import llmrom
-from llmrom.heal import HealConfig, check_held_out, factorized_names, heal
-from llmrom.perplexity import mean_nll
-from llmrom.textdata import eval_windows, load_text
+from llmrom.heal.train import HealConfig, check_held_out, factorized_names, heal
+from llmrom.eval.perplexity import mean_nll
+from llmrom.data.textdata import eval_windows, load_text
 
 MODES = {"factors": dict(mode="factors"), "lora": dict(mode="lora"), "lora+ggpo": dict(mode="lora", ggpo=True)}
 

@@ -1,8 +1,10 @@
 """Tables, plots and README's Results section from the benchmark's results files.
 
-    python bench/report.py [--runs bench/results/runs] [--readme README.md]
+    python bench/report.py [--runs bench/results/runs] [--readme README.md] [--docs docs]
 
-Writes bench/results/summary.md, bench/results/ppl_vs_params.png, and per model
+Writes bench/results/summary.md, bench/results/ppl_vs_params.png, the full results into docs/results.md,
+the healing table into docs/healing.md, the ablations into docs/ablations.md, the short headline table into
+README.md (between their markers), and per model
 ranks_<model>.png (rank of every linear, default variant, each budget) and
 explained_<model>.png (explained output variance against rank, averaged per kind of linear).
 Every number in the README's Results section comes from these files.
@@ -11,6 +13,7 @@ Every number in the README's Results section comes from these files.
 import argparse
 import json
 import math
+import os
 import re
 import sys
 from collections import defaultdict
@@ -25,6 +28,33 @@ HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))  # bench/ablate.py, also when this file is loaded by path (tests)
 import run  # noqa: E402
 BEGIN, END = "<!-- results:begin (bench/report.py writes this) -->", "<!-- results:end -->"
+HEADLINE_BEGIN, HEADLINE_END = "<!-- headline:begin (bench/report.py writes this) -->", "<!-- headline:end -->"
+PEER = "svd-llm"  # the peers' best recipe: SVD-LLM's whitened SVD
+
+
+def headline_table(by_model, budgets=(0.9, 0.8, 0.7)):
+    """README's short table: per model and budget, the default against dense and the peers' best recipe,
+    quality (perplexity), bytes (state dict) and speed where the row measured it."""
+    lines = ["| model | kept | dense ppl | SVD-LLM ppl | llmrom ppl | gap to dense closed | bytes (vs dense) "
+             "| decode x dense |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for model, runs in sorted(by_model.items()):
+        for b in budgets:
+            ours = next((r for r in runs if r["variant"] == "rom" and r["budget"] == b), None)
+            peer = next((r for r in runs if r["variant"] == PEER and r["budget"] == b), None)
+            if ours is None:
+                continue
+            e = ours["eval"]
+            dense_ppl = e["perplexity"]["reference"]
+            ppl, peer_ppl = e["perplexity"]["model"], peer["eval"]["perplexity"]["model"] if peer else None
+            closed = f"{(peer_ppl - ppl) / (peer_ppl - dense_ppl):.0%}" if peer_ppl and peer_ppl > dense_ppl else "-"
+            size = e["model"].get("bytes"), e["reference"].get("bytes")
+            size_text = f"{size[0] / 1e6:,.1f} MB ({size[0] / size[1]:.2f}x)" if all(size) else "-"
+            speed = e.get("speed")
+            dx = (f"{speed['model']['decode_tokens_per_s'] / speed['reference']['decode_tokens_per_s']:.2f}"
+                  if speed else "not measured")
+            lines.append(f"| {model} | {ours['totals']['kept_fraction']:.2f} | {dense_ppl:.2f} | "
+                         f"{f'{peer_ppl:.2f}' if peer_ppl else '-'} | {ppl:.2f} | {closed} | {size_text} | {dx} |")
+    return "\n".join(lines) if len(lines) > 2 else ""
 
 
 def load_runs(folder):
@@ -231,7 +261,7 @@ def _block_of(name):
 
 
 def plot_explained(model, runs, path):
-    from llmrom.pipeline import CURVE_FRACTIONS
+    from llmrom.loop.pipeline import CURVE_FRACTIONS
     r = max((r for r in runs if r["variant"] == REFERENCE), key=lambda r: len(r["modules"]), default=None)
     if r is None:
         return False
@@ -273,7 +303,9 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", default=str(HERE / "results" / "runs"))
     ap.add_argument("--out", default=str(HERE / "results"))
-    ap.add_argument("--readme", default=str(HERE.parent / "README.md"), help="README to update ('' for none)")
+    ap.add_argument("--readme", default=str(HERE.parent / "README.md"), help="README for the headline ('' for none)")
+    ap.add_argument("--docs", default=str(HERE.parent / "docs"),
+                    help="folder of results.md, healing.md and ablations.md ('' for none)")
     args = ap.parse_args(argv)
     by_model = load_runs(args.runs)
     if not by_model:
@@ -281,9 +313,35 @@ def main(argv=None):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     plot_ppl(by_model, out / "ppl_vs_params.png")
+    for model, runs in sorted(by_model.items()):
+        if any(r["variant"] == REFERENCE for r in runs):
+            plot_ranks(model, runs, out / f"ranks_{model}.png")
+            plot_explained(model, runs, out / f"explained_{model}.png")
+    summary = results_section(by_model, out, out)
+    (out / "summary.md").write_text(summary + "\n")
+    if args.docs:
+        docs = Path(args.docs)
+        write_between(docs / "results.md", BEGIN, END, results_section(by_model, out, docs))
+        write_between(docs / "healing.md", HEAL_BEGIN, HEAL_END, heal_table(out))
+        write_between(docs / "ablations.md", ABLATION_BEGIN, ABLATION_END, ablation_section(out))
+    if args.readme:
+        write_between(Path(args.readme), HEADLINE_BEGIN, HEADLINE_END, headline_table(by_model))
+    print(summary)
+
+
+def write_between(path, begin, end, body):
+    """Replace what lies between the markers of `path` by `body` (nothing to write: left as it is)."""
+    if body:
+        path.write_text(replace_between(path.read_text(), begin, end, body, path))
+
+
+def results_section(by_model, out, where):
+    """The full results (protocol, targets, option comparison, per-model tables and plots) as Markdown,
+    with links to the plots in `out` relative to the folder `where` the text is written to."""
+    img = Path(os.path.relpath(out, where)).as_posix()
     mixed = mixed_calibration(by_model)
     parts = [protocol_text(by_model), "", *(mixed + [""] if mixed else []),
-             "![perplexity vs kept parameters](bench/results/ppl_vs_params.png)", ""]
+             f"![perplexity vs kept parameters]({img}/ppl_vs_params.png)", ""]
     targets = target_table(by_model)
     if targets:
         parts += ["Target of issue 4: the default closes at least half of the perplexity gap between the best "
@@ -301,23 +359,8 @@ def main(argv=None):
     for model, runs in sorted(by_model.items()):
         parts += [table(model, runs), ""]
         if any(r["variant"] == REFERENCE for r in runs):
-            plot_ranks(model, runs, out / f"ranks_{model}.png")
-            plot_explained(model, runs, out / f"explained_{model}.png")
-            parts += [f"![ranks]({'bench/results/'}ranks_{model}.png) "
-                      f"![explained variance](bench/results/explained_{model}.png)", ""]
-    summary = "\n".join(parts)
-    (out / "summary.md").write_text(summary + "\n")
-    if args.readme:
-        readme = Path(args.readme)
-        text = replace_between(readme.read_text(), BEGIN, END, summary, readme)
-        heal = heal_table(out)
-        if heal and HEAL_BEGIN in text:
-            text = replace_between(text, HEAL_BEGIN, HEAL_END, heal, readme)
-        ablation = ablation_section(out)
-        if ablation and ABLATION_BEGIN in text:
-            text = replace_between(text, ABLATION_BEGIN, ABLATION_END, ablation, readme)
-        readme.write_text(text)
-    print(summary)
+            parts += [f"![ranks]({img}/ranks_{model}.png) ![explained variance]({img}/explained_{model}.png)", ""]
+    return "\n".join(parts)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ against the dense model; speed (off by default) interleaved with the dense model
 
 For each budget the rom-blocks variant (the default before the embedding took part) picks the number
 of compressed blocks N automatically; the default rom chooses N together with the token embedding's
-share of the cut (llmrom.embedding); every other variant compresses rom-blocks' N blocks, embedding
+share of the cut (llmrom.plan.embedding); every other variant compresses rom-blocks' N blocks, embedding
 dense, with its module budget solved to meet the same whole-model budget, so rows of one budget
 differ only in the method (except svd-llm, which keeps
 SVD-LLM's own policy, one ratio for every matrix of every block, and the rank-policy variants
@@ -31,15 +31,15 @@ from pathlib import Path
 import torch
 
 import llmrom
-from llmrom.api import linear_shapes
-from llmrom.arch import find_blocks, layout_for
+from llmrom.plan.choose import linear_shapes
+from llmrom.modeling.arch import find_blocks, layout_for
 from llmrom.config import CompressConfig
-from llmrom.cost import count_params, peak_rss_bytes, reset_peak_rss
+from llmrom.eval.cost import count_params, peak_rss_bytes, reset_peak_rss
 from llmrom.errors import LlmromError
-from llmrom.evaluate import environment, evaluate
-from llmrom.io import write_json_atomic
-from llmrom.ranks import check_budget
-from llmrom.textdata import calibration_windows, load_text, tokens_sha256
+from llmrom.eval.evaluate import environment, evaluate
+from llmrom.modeling.io import write_json_atomic
+from llmrom.plan.ranks import check_budget
+from llmrom.data.textdata import calibration_windows, load_text, tokens_sha256
 
 RESULTS = Path(__file__).parent / "results"
 MODELS = ("smollm2-135m", "gemma3-270m", "qwen2.5-coder-0.5b")
@@ -58,7 +58,7 @@ VARIANTS = {  # name: CompressConfig fields that differ from the defaults
     # SVD-LLM (W): whitened SVD, the same ratio for every matrix of every block, dense activations
     "svd-llm": {"method": "whitened_svd", "centered": False, "sequential": False, "last_blocks": "all", **PAIR},
     "rom-correct": {"correct": True, **PAIR},  # calibrated toward the dense model's outputs (methods.rom_corrected)
-    "rom-sparse": {"sparse": 0.25, **PAIR},  # a quarter of each module's budget to a sparse residual (llmrom.sparse)
+    "rom-sparse": {"sparse": 0.25, **PAIR},  # a quarter of each module's budget to a sparse residual (llmrom.factor.sparse)
     "rom-interp-sparse": {"sparse": 0.25},  # the default rom plus that sparse residual
     "rom-sparse50": {"sparse": 0.5, **PAIR},  # half of it
     "rom-sparse-lean": {"sparse": 0.25, "sparse_modules": "lean", **PAIR},  # not on down_proj: memory stays as rom's

@@ -33,14 +33,14 @@ sys.path.insert(0, str(Path(__file__).parent))  # bench/run.py
 import run  # noqa: E402
 
 import llmrom  # noqa: E402
-from llmrom.arch import find_blocks, layout_for, weight_matrix  # noqa: E402
-from llmrom.evaluate import environment  # noqa: E402
-from llmrom.io import write_json_atomic  # noqa: E402
-from llmrom.methods import rom  # noqa: E402
-from llmrom.ranks import LinearShape  # noqa: E402
-from llmrom.sparse import low_rank_plus_sparse  # noqa: E402
-from llmrom.stats import Moments  # noqa: E402
-from llmrom.textdata import calibration_windows, load_text  # noqa: E402
+from llmrom.modeling.arch import find_blocks, layout_for, weight_matrix  # noqa: E402
+from llmrom.eval.evaluate import environment  # noqa: E402
+from llmrom.modeling.io import write_json_atomic  # noqa: E402
+from llmrom.factor.methods import rom  # noqa: E402
+from llmrom.plan.ranks import LinearShape  # noqa: E402
+from llmrom.factor.sparse import low_rank_plus_sparse  # noqa: E402
+from llmrom.factor.stats import Moments  # noqa: E402
+from llmrom.data.textdata import calibration_windows, load_text  # noqa: E402
 
 SPARSE = 0.25
 FITS = {  # name: (select, rounds, nonzeros multiplier)

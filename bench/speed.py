@@ -5,7 +5,7 @@
 
 Each variant of bench/run.py is compressed from a fresh copy of the dense weights with the
 benchmark's calibration (pydoc, 128 x 128, seed 0) on the same last N blocks as the benchmark's rom-blocks
-run (bench/results/runs/<model>_<budget>_rom-blocks.json), then llmrom.speed measures prefill (batch 1 x
+run (bench/results/runs/<model>_<budget>_rom-blocks.json), then llmrom.eval.speed measures prefill (batch 1 x
 512) and greedy decoding (32 tokens with KV cache) for the dense model and every variant, round by
 round interleaved, median of --rounds. Quote the ratios: they are measured side by side; absolute
 tokens/s depend on the machine and on what else runs on it. Run it alone on the machine.
@@ -25,11 +25,11 @@ import run  # noqa: E402
 
 import llmrom  # noqa: E402
 from llmrom.config import CompressConfig  # noqa: E402
-from llmrom.cost import count_params, macs_per_token  # noqa: E402
-from llmrom.evaluate import environment  # noqa: E402
-from llmrom.io import write_json_atomic  # noqa: E402
-from llmrom.speed import measure_speed  # noqa: E402
-from llmrom.textdata import calibration_windows, load_text  # noqa: E402
+from llmrom.eval.cost import count_params, macs_per_token  # noqa: E402
+from llmrom.eval.evaluate import environment  # noqa: E402
+from llmrom.modeling.io import write_json_atomic  # noqa: E402
+from llmrom.eval.speed import measure_speed  # noqa: E402
+from llmrom.data.textdata import calibration_windows, load_text  # noqa: E402
 
 
 @torch.no_grad()

@@ -36,13 +36,13 @@ from pathlib import Path
 import torch
 import transformers
 
-from llmrom.api import linear_shapes
-from llmrom.arch import layout_for
+from llmrom.plan.choose import linear_shapes
+from llmrom.modeling.arch import layout_for
 from llmrom.config import CompressConfig
-from llmrom.cost import count_params, peak_rss_bytes
-from llmrom.io import write_json_atomic
-from llmrom.ranks import module_budget_for
-from llmrom.stream import Partial, build_skeleton, compress_streaming, discard
+from llmrom.eval.cost import count_params, peak_rss_bytes
+from llmrom.modeling.io import write_json_atomic
+from llmrom.plan.ranks import module_budget_for
+from llmrom.loop.stream import Partial, build_skeleton, compress_streaming, discard
 
 
 def matmul_peak(n=4096, reps=5, device="cpu"):

@@ -16,7 +16,7 @@ import lzma
 import platform
 from pathlib import Path
 
-from llmrom.textdata import load_text
+from llmrom.data.textdata import load_text
 
 DATA = Path(__file__).resolve().parent.parent / "src" / "llmrom" / "data"
 

@@ -23,7 +23,7 @@ import transformers
 from accelerate import init_empty_weights
 from tqdm.auto import tqdm
 
-from llmrom.shards import shard_name, write_index, write_shard
+from llmrom.modeling.shards import shard_name, write_index, write_shard
 
 
 def random_tensor(name, shape, index, seed, std):

@@ -67,15 +67,24 @@ def test_benchmark_smoke(tiny_folder, tmp_path, capsys):
     assert interp["config"]["last_blocks"] == ref["plan"]["last_blocks"] and interp["plan"]["policy"] == "last-blocks"
     assert (ref["config"]["factors"], interp["config"]["factors"]) == ("pair", "interpolative")
 
-    readme = tmp_path / "README.md"
+    readme, docs = tmp_path / "README.md", tmp_path / "docs"
     report = bench_module("report")
-    readme.write_text(f"# x\n\n{report.BEGIN}\nold\n{report.END}\n\nafter\n")
-    report.main(["--runs", str(runs), "--out", str(tmp_path / "results"), "--readme", str(readme)])
+    readme.write_text(f"# x\n\n{report.HEADLINE_BEGIN}\nold\n{report.HEADLINE_END}\n\nafter\n")
+    docs.mkdir()
+    (docs / "results.md").write_text(f"# r\n\n{report.BEGIN}\nold\n{report.END}\n\nafter\n")
+    report.main(["--runs", str(runs), "--out", str(tmp_path / "results"), "--readme", str(readme),
+                 "--docs", str(docs)])
     for png in ("ppl_vs_params.png", f"ranks_{name}.png", f"explained_{name}.png"):
         assert (tmp_path / "results" / png).stat().st_size > 1000
-    text = readme.read_text()
+    text = (docs / "results.md").read_text()
     assert "old" not in text and text.endswith("after\n") and "| 0.8 | svd |" in text and "| 1 | dense |" in text
-    assert (tmp_path / "results" / "summary.md").read_text().strip() in text
+    assert "](../results/ppl_vs_params.png)" in text  # image links work from the docs page
+    assert (tmp_path / "results" / "summary.md").read_text().strip().replace("](./", "](../results/") in text
+    head = readme.read_text()  # the headline: the default against dense and SVD-LLM, with bytes
+    rom = json.loads((runs / f"{name}_0.9_rom.json").read_text())
+    ppl = rom["eval"]["perplexity"]["model"]
+    assert "old" not in head and head.endswith("after\n") and f"| {name} | " in head and f"| {ppl:.2f} |" in head
+    assert "MB (0.90x)" in head  # bytes against dense beside quality; speed where the row measured it
 
 
 def test_benchmark_refuses_evaluating_on_the_calibration_text():

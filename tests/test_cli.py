@@ -8,7 +8,7 @@ import torch
 import transformers
 
 import llmrom
-from llmrom.cost import count_params
+from llmrom.eval.cost import count_params
 from llmrom import cli
 
 FAST = ["--nsamples", "8", "--seqlen", "32", "--batch-size", "4", "--calib", "pydoc"]
@@ -113,7 +113,7 @@ def test_interrupted_save_leaves_nothing(tiny_folder, tmp_path, capsys, monkeypa
     def boom(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("llmrom.io.write_safetensors", boom)
+    monkeypatch.setattr("llmrom.modeling.io.write_safetensors", boom)
     code, _, err = run(capsys, "compress", tiny_folder, "--budget", "0.9", "--out", tmp_path / "o", *FAST)
     assert code == 130 and "no output folder" in err
     assert os.listdir(tmp_path) == []

@@ -7,12 +7,12 @@ import torch
 import transformers
 
 import llmrom
-from llmrom.cost import count_params
-from llmrom import arch
-from llmrom.arch import SPECS, find_blocks, layout_for, trace_groups
-from llmrom.capture import block0_input, record_calls, run_block
+from llmrom.eval.cost import count_params
+from llmrom.modeling import arch
+from llmrom.modeling.arch import SPECS, find_blocks, layout_for, trace_groups
+from llmrom.loop.capture import block0_input, record_calls, run_block
 from llmrom.config import CompressConfig
-from llmrom.factorized import FactorizedLinear
+from llmrom.modeling.factorized import FactorizedLinear
 
 from conftest import TinyTokenizer, calib_tokens, tiny_model
 

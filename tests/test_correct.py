@@ -7,8 +7,8 @@ import torch.nn.functional as F
 import llmrom
 from llmrom.config import CompressConfig
 from llmrom.errors import LlmromError
-from llmrom.pipeline import LoopOptions
-from llmrom.stream import compress_streaming
+from llmrom.loop.pipeline import LoopOptions
+from llmrom.loop.stream import compress_streaming
 
 from conftest import TinyTokenizer, calib_tokens, tiny_model
 

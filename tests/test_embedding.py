@@ -5,17 +5,17 @@ import torch
 import transformers
 
 import llmrom
-from llmrom.api import linear_shapes, loop_options
-from llmrom.arch import layout_for
-from llmrom.autoplan import choose_last_n, trial_loss
+from llmrom.plan.choose import linear_shapes
+from llmrom.modeling.arch import layout_for
+from llmrom.plan.autoplan import choose_last_n, trial_loss
 from llmrom.config import CompressConfig
-from llmrom.cost import count_params, linear_macs_per_token
-from llmrom.embedding import HEAD_SHARE, embedding_basis, embedding_shape, factorize_embedding, head_input_moment
+from llmrom.eval.cost import count_params, linear_macs_per_token
+from llmrom.plan.embedding import HEAD_SHARE, embedding_basis, embedding_shape, factorize_embedding, head_input_moment
 from llmrom.errors import LlmromError
-from llmrom.factorized import FactorizedEmbedding, FactorizedHead, FactorizedLinear
-from llmrom.perplexity import mean_nll
-from llmrom.pipeline import compress_blocks
-from llmrom.ranks import feasible_last_n, last_blocks_plan
+from llmrom.modeling.factorized import FactorizedEmbedding, FactorizedHead, FactorizedLinear
+from llmrom.eval.perplexity import mean_nll
+from llmrom.loop.pipeline import compress_blocks
+from llmrom.plan.ranks import feasible_last_n, last_blocks_plan
 
 from conftest import TinyTokenizer, calib_tokens, tiny_model
 
@@ -163,7 +163,7 @@ def test_automatic_plan_scores_embedding_shares_and_restores_the_weights():
     shapes = linear_shapes(model, layout, False)
     total, budget, n_blocks = count_params(model), 0.85, 2
     dense = {k: v.clone() for k, v in model.state_dict().items()}
-    opts = loop_options(CompressConfig(budget=budget, batch_size=4), progress=False)
+    opts = CompressConfig(budget=budget, batch_size=4).loop_options(progress=False)
     (rank, last_n, b), info = choose_last_n(model, layout, shapes, n_blocks, feasible_last_n(budget, total, shapes, 2),
                                             calib_tokens(16, 16), opts, n_profile=8, n_eval=8,
                                             embedding=embedding_shape(model), total=total, budget=budget)
@@ -187,7 +187,7 @@ def test_without_trials_the_proxy_alone_decides():
     layout = layout_for(model)
     shapes = linear_shapes(model, layout, False)
     total, budget = count_params(model), 0.85
-    opts = loop_options(CompressConfig(budget=budget, batch_size=4), progress=False)
+    opts = CompressConfig(budget=budget, batch_size=4).loop_options(progress=False)
     choice, info = choose_last_n(model, layout, shapes, 2, feasible_last_n(budget, total, shapes, 2),
                                  calib_tokens(16, 16), opts, n_profile=8, n_eval=8, embedding=embedding_shape(model),
                                  total=total, budget=budget, trial_windows=0)
@@ -202,7 +202,7 @@ def test_trial_loss_is_the_loss_of_that_plan_compressed():
     model = tiny_model("llama")
     layout, emb = layout_for(model), embedding_shape(model)
     shapes = linear_shapes(model, layout, True, interp=True)
-    opts = loop_options(CompressConfig(budget=0.8, batch_size=4), progress=False)
+    opts = CompressConfig(budget=0.8, batch_size=4).loop_options(progress=False)
     calib, held = calib_tokens(8, 16), calib_tokens(4, 16, seed=5)
     row = {"embedding_rank": 24, "last_blocks": 1, "module_budget": 0.5}
     dense = {k: v.clone() for k, v in model.state_dict().items()}
@@ -237,7 +237,7 @@ def test_bad_embedding_input_is_refused_by_name(tmp_path, tiny_folder):
     model, _ = llmrom.compress(model, TinyTokenizer(), cfg, tokens=calib_tokens(), progress=False)
     with pytest.raises(LlmromError, match="already compressed"):
         llmrom.compress(model, TinyTokenizer(), cfg, tokens=calib_tokens(), progress=False)
-    from llmrom.stream import compress_streaming
+    from llmrom.loop.stream import compress_streaming
     with pytest.raises(LlmromError, match="--stream keeps the token embedding dense"):
         compress_streaming(str(tiny_folder), tmp_path / "out", CompressConfig(last_blocks=1, module_budget=0.5,
                                                                            embedding_budget=0.5))
@@ -255,7 +255,7 @@ def test_cli_plan_line_names_the_embedding():
 
 
 def test_a_budget_below_the_blocks_floor_is_reached_through_the_embedding():
-    from llmrom.ranks import smallest_reachable
+    from llmrom.plan.ranks import smallest_reachable
     model = tiny_model("gemma3")
     total = count_params(model)
     floor = smallest_reachable(total, linear_shapes(model, layout_for(model), True))

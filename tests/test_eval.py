@@ -11,11 +11,11 @@ import torch.nn.functional as F
 import llmrom
 from llmrom.config import CompressConfig
 from llmrom.errors import LlmromError, NonFiniteError
-from llmrom.evaluate import evaluate, format_results
-from llmrom.fidelity import fidelity
-from llmrom.perplexity import perplexity
-from llmrom.speed import measure_speed
-from llmrom.textdata import eval_windows
+from llmrom.eval.evaluate import evaluate, format_results
+from llmrom.eval.fidelity import fidelity
+from llmrom.eval.perplexity import perplexity
+from llmrom.eval.speed import measure_speed
+from llmrom.data.textdata import eval_windows
 
 from conftest import TinyTokenizer, calib_tokens, tiny_model
 from test_cli import run  # the in-process CLI runner

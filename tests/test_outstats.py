@@ -3,11 +3,11 @@
 import pytest
 import torch
 
-from llmrom.api import linear_shapes
-from llmrom.arch import layout_for, weight_matrix
-from llmrom.methods import METHODS, rom, rom_from_outputs
-from llmrom.pipeline import LoopOptions, compress_blocks, uses_output_stats
-from llmrom.stats import Moments
+from llmrom.plan.choose import linear_shapes
+from llmrom.modeling.arch import layout_for, weight_matrix
+from llmrom.factor.methods import METHODS, rom, rom_from_outputs
+from llmrom.loop.pipeline import LoopOptions, compress_blocks, uses_output_stats
+from llmrom.factor.stats import Moments
 
 from conftest import calib_tokens, tiny_model
 from test_math import data, empirical_error
@@ -87,7 +87,7 @@ def test_pipeline_output_stats_give_the_same_model(family, down, centered, monke
         return rom_from_outputs(weight, bias, moments, rank, c)
 
     monkeypatch.setitem(METHODS, "rom", spy_in)
-    monkeypatch.setattr("llmrom.pipeline.rom_from_outputs", spy_out)
+    monkeypatch.setattr("llmrom.loop.pipeline.rom_from_outputs", spy_out)
     old, old_records = compress(family, centered, False, tokens)
     assert not seen_out
     seen_in.clear()

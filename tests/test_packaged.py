@@ -5,7 +5,7 @@ import importlib.util
 import pytest
 
 from llmrom.errors import LlmromError
-from llmrom.packaged import PACKAGED_MODELS, resolve_packaged
+from llmrom.modeling.packaged import PACKAGED_MODELS, resolve_packaged
 
 
 def test_registry_names():
@@ -62,7 +62,7 @@ def test_smollm2_resolves_to_existing_gguf():
 
 
 def test_assemble_concatenates_atomically_and_reuses(tmp_path):
-    from llmrom.packaged import _assemble, _concatenate
+    from llmrom.modeling.packaged import _assemble, _concatenate
 
     parts = []
     for k, data in enumerate([b"GGUF", b"abc", b"defgh"]):
@@ -83,7 +83,7 @@ def test_assemble_concatenates_atomically_and_reuses(tmp_path):
 
 
 def test_failed_write_leaves_no_partial_file(tmp_path):
-    from llmrom.packaged import _assemble
+    from llmrom.modeling.packaged import _assemble
 
     part = tmp_path / "part"
     part.write_bytes(b"GGUF")
@@ -98,7 +98,7 @@ def test_failed_write_leaves_no_partial_file(tmp_path):
 
 
 def test_cache_dir_honours_env(monkeypatch, tmp_path):
-    from llmrom.packaged import cache_dir
+    from llmrom.modeling.packaged import cache_dir
 
     monkeypatch.setenv("LLMROM_CACHE", str(tmp_path / "c"))
     assert cache_dir() == tmp_path / "c"

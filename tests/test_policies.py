@@ -6,12 +6,12 @@ import pytest
 import torch
 
 import llmrom
-from llmrom.cost import count_params
-from llmrom.arch import weight_matrix
+from llmrom.eval.cost import count_params
+from llmrom.modeling.arch import weight_matrix
 from llmrom.config import CompressConfig
 from llmrom.errors import LlmromError
-from llmrom.policies import threshold_plan
-from llmrom.ranks import LinearShape, kept_params
+from llmrom.plan.policies import threshold_plan
+from llmrom.plan.ranks import LinearShape, kept_params
 
 from conftest import TinyTokenizer, calib_tokens, tiny_model
 
@@ -73,7 +73,7 @@ def test_global_policy_is_data_aware():
     assert plans[0] != plans[1]
 
 
-@pytest.mark.parametrize("where,policy", [("policies", "global"), ("autoplan", "last-blocks")],
+@pytest.mark.parametrize("where,policy", [("plan.policies", "global"), ("plan.autoplan", "last-blocks")],
                          ids=["global-policy", "automatic-last-N"])
 def test_profiling_holds_one_block_of_statistics(monkeypatch, where, policy):
     """Both profiling passes (the global policy's, the automatic last-N choice's) turn each block's
@@ -81,8 +81,8 @@ def test_profiling_holds_one_block_of_statistics(monkeypatch, where, policy):
     import importlib
     import weakref
 
-    from llmrom import pipeline
-    from llmrom.stats import Moments
+    from llmrom.loop import pipeline
+    from llmrom.factor.stats import Moments
 
     module = importlib.import_module(f"llmrom.{where}")
     refs = []  # weak references to every Moments made (a dataclass: not hashable, so no WeakSet)
@@ -104,7 +104,7 @@ def test_profiling_holds_one_block_of_statistics(monkeypatch, where, policy):
                                 tokens=calib_tokens(), progress=False)
     n_blocks, groups = len(dense.model.layers), 4  # q/k/v, o, gate/up, down
     assert len(seen) >= 7 and max(seen) <= groups  # never two blocks' moments at once
-    if where == "autoplan":  # the automatic choice: the finalist with the lowest trial loss, within budget
+    if where == "plan.autoplan":  # the automatic choice: the finalist with the lowest trial loss, within budget
         auto = report["plan"]["auto"]
         best = min((c for c in auto["candidates"] if "trial_calib_loss" in c), key=lambda c: c["trial_calib_loss"])
         assert report["plan"]["last_blocks"] == best["last_blocks"] and report["totals"]["kept_fraction"] <= 0.85
@@ -122,7 +122,7 @@ def test_policy_needs_a_bare_budget():
 def test_knapsack_finds_the_cheapest_choice_that_removes_enough():
     import itertools
 
-    from llmrom.autoplan import knapsack
+    from llmrom.plan.autoplan import knapsack
     g = torch.Generator().manual_seed(0)
     for _ in range(20):
         units = 40
@@ -149,10 +149,9 @@ def test_projection_proxy_scores_what_non_sequential_rom_gives(family, centered,
     and the dense weights are back in place afterwards."""
     import json
 
-    from llmrom.api import loop_options
-    from llmrom.arch import layout_for
-    from llmrom.autoplan import ProjectionProxy
-    from llmrom.perplexity import mean_nll
+    from llmrom.modeling.arch import layout_for
+    from llmrom.plan.autoplan import ProjectionProxy
+    from llmrom.eval.perplexity import mean_nll
 
     model = tiny_model(family)
     layout = layout_for(model)
@@ -161,7 +160,7 @@ def test_projection_proxy_scores_what_non_sequential_rom_gives(family, centered,
     profile, held = calib_tokens(), calib_tokens(seed=1)
     with torch.no_grad():
         proxy = ProjectionProxy(model, layout, {name: 4}, profile, held,
-                                loop_options(CompressConfig(budget=0.9), progress=False), centered)
+                                CompressConfig(budget=0.9).loop_options(progress=False), centered)
         assert (proxy.inputs is None) == (family == "gpt2")
         assert proxy.eig[name].shape[1] == 4  # truncated at the largest rank asked for
         loss = proxy.loss({name: 3})
@@ -177,7 +176,7 @@ def test_projection_proxy_scores_what_non_sequential_rom_gives(family, centered,
 
 @pytest.mark.parametrize("with_last_n", [True, False], ids=["against-last-N", "per-block-only"])
 def test_loss_policy_meets_the_budget_with_one_module_budget_per_block(monkeypatch, with_last_n):
-    from llmrom import autoplan
+    from llmrom.plan import autoplan
     if not with_last_n:  # nothing to compare with: the per-block plan itself must come out
         monkeypatch.setattr(autoplan, "feasible_last_n", lambda *a: [])
     dense = tiny_model("qwen2")

@@ -9,10 +9,10 @@ import transformers
 
 import llmrom
 from llmrom.config import CompressConfig
-from llmrom.cost import count_params
-from llmrom.factorized import FactorizedEmbedding, FactorizedHead, FactorizedLinear
-from llmrom.perplexity import perplexity
-from llmrom.textdata import calibration_windows, eval_windows, load_text
+from llmrom.eval.cost import count_params
+from llmrom.modeling.factorized import FactorizedEmbedding, FactorizedHead, FactorizedLinear
+from llmrom.eval.perplexity import perplexity
+from llmrom.data.textdata import calibration_windows, eval_windows, load_text
 
 pytestmark = pytest.mark.real
 
@@ -100,7 +100,7 @@ def test_smollm2_embedding_rom_beats_its_weight_svd(smollm2, held_out):
     tokens that English prose never uses); and the basis that also weighs the tied head's inputs
     beats the lookup's basis alone, with the default head share (HEAD_SHARE, 0.75) ahead of equal
     shares, as on the benchmark's evaluation text."""
-    from llmrom.embedding import HEAD_SHARE, embedding_basis, embedding_shape, factorize_embedding, head_input_moment
+    from llmrom.plan.embedding import HEAD_SHARE, embedding_basis, embedding_shape, factorize_embedding, head_input_moment
     dense, tok = smollm2
     calib = calibration_windows(tok, load_text("pydoc"), 64, 128, 0)
     rank = 400

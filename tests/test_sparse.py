@@ -9,16 +9,16 @@ import transformers
 
 import llmrom
 from llmrom import cli
-from llmrom.api import linear_shapes
-from llmrom.arch import layout_for
+from llmrom.plan.choose import linear_shapes
+from llmrom.modeling.arch import layout_for
 from llmrom.config import CompressConfig
-from llmrom.cost import count_params
+from llmrom.eval.cost import count_params
 from llmrom.errors import LlmromError
-from llmrom.factorized import FactorizedLinear, apply_factorization
-from llmrom.methods import rom
-from llmrom.ranks import LinearShape, kept_params, last_blocks_plan
-from llmrom.sparse import add_sparse, low_rank_plus_sparse
-from llmrom.stats import Moments
+from llmrom.modeling.factorized import FactorizedLinear, apply_factorization
+from llmrom.factor.methods import rom
+from llmrom.plan.ranks import LinearShape, kept_params, last_blocks_plan
+from llmrom.factor.sparse import add_sparse, low_rank_plus_sparse
+from llmrom.factor.stats import Moments
 
 from conftest import TinyTokenizer, calib_tokens, tiny_model
 
@@ -102,7 +102,7 @@ def test_whole_model_budget_is_met(sparse):
 def test_lean_sparse_leaves_output_statistics_modules_plain():
     """--sparse-modules lean: down_proj (fewer outputs than inputs, alone in its group) keeps plain factors
     at its planned rank and is fitted from its output statistics; the other linears still get sparse parts."""
-    from llmrom.pipeline import LoopOptions, uses_output_stats
+    from llmrom.loop.pipeline import LoopOptions, uses_output_stats
     cfg = dict(last_blocks=2, module_budget=0.5, sparse=0.25)
     _, lean, _ = compress_tiny("llama", **cfg, sparse_modules="lean")
     _, every, _ = compress_tiny("llama", **cfg)
@@ -303,7 +303,7 @@ def test_unknown_format_is_refused():
 
 
 def test_streaming_equals_in_memory_with_sparse(tmp_path):
-    from llmrom.stream import compress_streaming
+    from llmrom.loop.stream import compress_streaming
     folder = tmp_path / "src"
     tiny_model("llama").save_pretrained(folder, max_shard_size="20KB")
     tokens = calib_tokens()
@@ -319,7 +319,7 @@ def test_streaming_equals_in_memory_with_sparse(tmp_path):
 
 
 def test_healing_trains_the_sparse_values():
-    from llmrom.heal import HealConfig, _trainable
+    from llmrom.heal.train import HealConfig, _trainable
     model, _, _ = compress_tiny("llama", budget=0.9, sparse=0.25, factors="pair")
     names = [n for n, m in model.named_modules() if isinstance(m, FactorizedLinear)]
     params, _ = _trainable(copy.deepcopy(model), HealConfig(), names)
@@ -357,7 +357,7 @@ def test_cli_refuses_sparse_one_in_one_line(tiny_folder, tmp_path, capsys):
 def test_every_method_is_nested_so_the_plain_fit_can_be_truncated(method):
     """low_rank_plus_sparse takes round 1's factors as a prefix of the plain rank's; that must equal the
     method at the lower rank (up to the bias, which add_sparse recomputes)."""
-    from llmrom.methods import METHODS
+    from llmrom.factor.methods import METHODS
     x, w, b, m = heavy_tailed()
     hi, lo = METHODS[method](w, b, m, 10, True), METHODS[method](w, b, m, 7, True)
     assert torch.allclose(hi.first[:7], lo.first, atol=1e-9) and torch.allclose(hi.second[:, :7], lo.second, atol=1e-9)

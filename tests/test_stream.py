@@ -1,4 +1,4 @@
-"""Streaming compression (llmrom.stream): same folder as in memory, bounded memory, resume after a kill."""
+"""Streaming compression (llmrom.loop.stream): same folder as in memory, bounded memory, resume after a kill."""
 
 import importlib.util
 import json
@@ -15,9 +15,10 @@ from safetensors import safe_open
 import llmrom
 from llmrom import cli
 from llmrom.config import CompressConfig
-from llmrom.cost import count_params
+from llmrom.eval.cost import count_params
 from llmrom.errors import LlmromError
-from llmrom.stream import Partial, compress_streaming
+from llmrom.loop.stream import Partial, compress_streaming
+from llmrom.modeling.io import stored_dtype
 
 from conftest import calib_tokens, tiny_model, trained_tokenizer
 
@@ -50,7 +51,8 @@ def in_memory(folder, config, tokens, tmp_path):
     """The ordinary path: load the whole model, compress, save, load the folder back."""
     model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, config.dtype)).eval()
     model, report = llmrom.compress(model, None, config, progress=False, tokens=tokens)
-    loaded, _ = llmrom.load(llmrom.save(model, None, tmp_path / "in-memory", report))
+    # saved as the streaming run saves: in the source checkpoint's stored dtype (--save-dtype auto)
+    loaded, _ = llmrom.load(llmrom.save(model, None, tmp_path / "in-memory", report, dtype=stored_dtype(folder)))
     return loaded, report
 
 
@@ -146,7 +148,7 @@ def test_resume_after_an_error_mid_block_gives_the_same_folder(tmp_path, monkeyp
     tokens, config = calib_tokens(), CompressConfig(**{**CFG, "activations": "disk"})
     compress_streaming(folder, tmp_path / "whole", config, tokens=tokens, progress=False)
 
-    import llmrom.stream as stream
+    import llmrom.loop.stream as stream
     real = stream.compress_block
 
     def failing(block, prefix, i, *args, **kwargs):
@@ -191,7 +193,7 @@ import os, signal, sys, torch
 sys.path.insert(0, {tests!r})
 from conftest import calib_tokens
 from llmrom.config import CompressConfig
-from llmrom.stream import compress_streaming
+from llmrom.loop.stream import compress_streaming
 seen = []
 def monitor(event, model, resident):
     seen.append(event)

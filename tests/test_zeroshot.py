@@ -9,10 +9,10 @@ import yaml
 
 from conftest import tiny_model, trained_tokenizer
 from llmrom.errors import LlmromError
-from llmrom.factorized import FactorizedLinear
+from llmrom.modeling.factorized import FactorizedLinear
 
 pytest.importorskip("lm_eval", reason="lm-eval is not installed (pip install 'llmrom[eval]')")
-from llmrom.zeroshot import PAPER_TASKS, run_tasks  # noqa: E402
+from llmrom.eval.zeroshot import PAPER_TASKS, run_tasks  # noqa: E402
 
 TASK = "llmrom_pydoc_cloze"
 N_DOCS, N_CHOICES, CONTEXT_WORDS, CONT_WORDS = 32, 4, 16, 8

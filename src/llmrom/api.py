@@ -3,109 +3,20 @@
 import logging
 import time
 
-from . import __version__
-from .arch import layout_for, weight_matrix, is_linear
-from .autoplan import EMBEDDING_GRID, choose_last_n
 from .config import CompressConfig
-from .cost import count_params, macs_per_token, peak_rss_bytes
-from .embedding import check_embedding_budget, embedding_shape, factorize_embedding, is_factorized
+from .data.textdata import calibration_windows, load_text
 from .errors import LlmromError
-from .evaluate import environment
-from .factorized import FactorizedLinear
-from .io import factorization_meta, load, save as _save_folder  # noqa: F401  (load is public)
-from .pipeline import LoopOptions, compress_blocks
-from .policies import plan_by_policy
-from .ranks import (LinearShape, check_budget, check_last_blocks, feasible_last_n, kept_params, last_blocks_plan,
-                    module_budget_for, read_ranks_file)
-from .textdata import calibration_windows, load_text, tokens_sha256
+from .eval.cost import count_params, macs_per_token, peak_rss_bytes
+from .loop.pipeline import compress_blocks
+from .loop.report import build_report
+from .modeling.arch import layout_for
+from .modeling.factorized import FactorizedLinear
+from .modeling.io import (factorization_meta, load, save as _save_folder,  # noqa: F401  (load is public)
+                          save_dtype_for)
+from .plan.choose import check_dense_exportable, choose_plan, linear_shapes  # noqa: F401  (used by the CLI)
+from .plan.embedding import embedding_shape, factorize_embedding, is_factorized
 
 log = logging.getLogger(__name__)
-
-
-def linear_shapes(model, layout, centered, interp=False):
-    """LinearShape of every block linear; `interp`: factors in the interpolative form (llmrom.interp)."""
-    blocks = model.get_submodule(layout.blocks_path)
-    shapes = []
-    for i, block in enumerate(blocks):
-        names = [n for g in layout.groups for n in g] if layout.groups else \
-            [n for n, m in block.named_modules() if is_linear(m)]
-        for n in names:
-            mod = block.get_submodule(n)
-            shapes.append(LinearShape.of(f"{layout.blocks_path}.{i}.{n}", i, weight_matrix(mod),
-                                         mod.bias is not None, centered, interp=interp))
-    return shapes
-
-
-def check_dense_exportable(model):
-    """Centring adds biases; a dense export of the original architecture can hold them only where
-    the block linears already have biases. Checked before compressing, not after."""
-    layout = layout_for(model)
-    missing = [s.name for s in linear_shapes(model, layout, centered=True) if s.added_bias]
-    if missing:
-        raise LlmromError(f"--export dense cannot hold the biases that centring adds ({missing[0]} and "
-                          f"{len(missing) - 1} more have none in this architecture); add --no-centered")
-
-
-def choose_plan(model, layout, shapes, total, tokens, cfg, opts):
-    """({module: rank}, embedding rank or None, a description of how they were chosen)."""
-    n_blocks = len(model.get_submodule(layout.blocks_path))
-    emb = embedding_shape(model)
-    automatic = (cfg.budget is not None and cfg.budget < 1 and cfg.policy == "last-blocks"
-                 and cfg.last_blocks is None and cfg.module_budget is None and cfg.ranks_file is None)
-    emb_rank, budget = None, cfg.budget
-    if cfg.embedding_budget is not None and cfg.embedding_budget < 1:
-        emb_rank = check_embedding_budget(cfg.embedding_budget, emb)
-        if budget is not None:  # the blocks meet what the embedding leaves of the budget
-            budget = min(1.0, (budget * total + emb.removed(emb_rank)) / total)
-        automatic = automatic and budget < 1
-    elif cfg.embedding_budget is not None or not automatic:
-        emb = None  # dense: asked for, or a plan the embedding does not take part in
-    if cfg.budget is not None:  # the embedding at its asked-for rank, or the smallest the automatic plan tries
-        rank = emb_rank or (emb.rank_for(min(EMBEDDING_GRID)) if emb is not None else None)
-        cut = emb.removed(rank) if rank else 0
-        check_budget(cfg.budget, total, shapes, cut, f" and the token embedding at rank {rank}" if cut else "")
-    if cfg.last_blocks is not None:
-        check_last_blocks(cfg.last_blocks, n_blocks)
-    if cfg.policy != "last-blocks" and budget < 1:
-        plan, info = plan_by_policy(cfg.policy, model, layout, shapes, total, budget, tokens, opts, cfg.centered)
-    elif cfg.ranks_file:
-        plan, info = read_ranks_file(cfg.ranks_file, shapes), {"policy": "ranks-file", "file": cfg.ranks_file}
-    elif cfg.last_blocks is not None and cfg.module_budget is not None:
-        plan = last_blocks_plan(shapes, n_blocks, cfg.last_blocks, cfg.module_budget)
-        info = {"policy": "last-blocks", "last_blocks": cfg.last_blocks, "module_budget": cfg.module_budget}
-    elif budget >= 1:
-        plan, info = {}, {"policy": "none (budget 1 keeps every block)"}
-    elif cfg.last_blocks is not None:
-        b = module_budget_for(budget, total, shapes, n_blocks, cfg.last_blocks)
-        if b is None:
-            raise LlmromError(f"budget {cfg.budget:g} cannot be met by compressing only the last "
-                              f"{cfg.last_blocks} blocks; compress more blocks or drop --last-blocks")
-        plan = last_blocks_plan(shapes, n_blocks, cfg.last_blocks, b)
-        info = {"policy": "last-blocks", "last_blocks": cfg.last_blocks, "module_budget": b}
-    else:
-        candidates = feasible_last_n(budget, total, shapes, n_blocks)
-        (rank, last_n, b), auto = choose_last_n(model, layout, shapes, n_blocks, candidates, tokens, opts,
-                                                embedding=emb if emb_rank is None else None, total=total,
-                                                budget=budget, trial_windows=cfg.plan_trials)
-        emb_rank = emb_rank if rank is None else rank
-        plan = last_blocks_plan(shapes, n_blocks, last_n, b) if last_n else {}
-        info = {"policy": "last-blocks (automatic)", "last_blocks": last_n, "module_budget": b, "auto": auto}
-    if emb_rank is not None:  # emb is set: an asked-for rank needs it, and so does the automatic choice
-        info["embedding"] = {**emb.spec(emb_rank), "kept": emb.factor_params(emb_rank) / emb.dense_params}
-    kept = kept_params(total, shapes, plan) - (emb.removed(emb_rank) if emb_rank is not None else 0)
-    if cfg.budget is not None and kept > cfg.budget * total:
-        raise LlmromError(f"the requested ranks keep {kept / total:.4f} of the parameters, above --budget "
-                          f"{cfg.budget:g}; lower --module-budget or the ranks, or raise --budget")
-    return plan, emb_rank, info
-
-
-def loop_options(config, progress=True):
-    return LoopOptions(method=config.method, centered=config.centered, sequential=config.sequential,
-                       batch_size=config.batch_size, device=config.device, progress=progress,
-                       activations=config.activations, activations_dtype=config.activations_dtype,
-                       correct=config.correct, sparse=config.sparse, sparse_select=config.sparse_select,
-                       sparse_rounds=config.sparse_rounds, sparse_modules=config.sparse_modules,
-                       interp=config.interpolative)
 
 
 def compress(model, tokenizer, config: CompressConfig, progress=True, tokens=None):
@@ -122,7 +33,7 @@ def compress(model, tokenizer, config: CompressConfig, progress=True, tokens=Non
     before = {"parameters": count_params(model), "macs_per_token": macs_per_token(model)}
     if tokens is None:
         tokens = calibration_windows(tokenizer, load_text(config.calib), config.nsamples, config.seqlen, config.seed)
-    opts = loop_options(config, progress)
+    opts = config.loop_options(progress)
     plan, emb_rank, plan_info = choose_plan(model, layout, shapes, before["parameters"], tokens, config, opts)
     if emb_rank is not None:  # first, so that every block is calibrated on the factorized embedding's outputs
         plan_info["embedding"].update(factorize_embedding(model, embedding_shape(model), tokens, emb_rank,
@@ -131,35 +42,23 @@ def compress(model, tokenizer, config: CompressConfig, progress=True, tokens=Non
     after = {"parameters": count_params(model), "macs_per_token": macs_per_token(model)}
     report = build_report(config, plan_info, tokens, before, after, records, time.perf_counter() - t0,
                           peak_rss_bytes())
+    if getattr(model, "llmrom_source", None):  # set by load_model: where the model came from, its stored dtype
+        report["source"] = dict(model.llmrom_source)
     for r in records:
         if r.rank is None:
             log.warning("%s", f"{r.name}: {r.note}")
     return model, report
 
 
-def build_report(config, plan_info, tokens, before, after, records, wall_seconds, peak_rss):
-    """The run report written as llmrom_report.json (one place for in-memory and streaming runs)."""
-    return {
-        "llmrom_version": __version__,
-        "config": config.to_dict(),
-        "plan": plan_info,
-        "calibration_tokens": int(tokens.numel()),
-        "calibration_tokens_sha256": tokens_sha256(tokens),  # compare runs: same text, tokenizer and windows
-        "totals": {
-            "parameters_before": before["parameters"], "parameters_after": after["parameters"],
-            "kept_fraction": after["parameters"] / before["parameters"],
-            "macs_per_token_before": before["macs_per_token"], "macs_per_token_after": after["macs_per_token"],
-            "wall_seconds": wall_seconds, "peak_rss_bytes": peak_rss,
-            "modules_factorized": sum(r.rank is not None for r in records),
-            "modules_kept_dense": sum(r.rank is None for r in records),
-        },
-        "environment": environment(),
-        "modules": [r.to_dict() for r in records],
-    }
+def save(model, tokenizer, out_dir, report, overwrite=False, export_dense=False, dtype=None):
+    """Write a compressed model as a standard Hugging Face folder (see llmrom.modeling.io).
 
-
-def save(model, tokenizer, out_dir, report, overwrite=False, export_dense=False):
-    """Write a compressed model as a standard Hugging Face folder (see llmrom.io)."""
+    `dtype` of the stored weights: None takes the config's --save-dtype, whose default (auto) is the source
+    checkpoint's stored dtype (bfloat16 for a GGUF file; recorded by load_model), else the model's own.
+    """
     cfg = report.get("config", {})
     meta = factorization_meta(model, cfg.get("method", "rom"), cfg.get("centered", False))
-    return _save_folder(model, tokenizer, out_dir, meta, report, overwrite=overwrite, export_dense=export_dense)
+    dtype = dtype or save_dtype_for(cfg, report.get("source"), model)
+    report.setdefault("saved_dtype", dtype)
+    return _save_folder(model, tokenizer, out_dir, meta, report, overwrite=overwrite, export_dense=export_dense,
+                        dtype=dtype)

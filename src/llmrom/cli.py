@@ -24,20 +24,27 @@ def _without_grad(command):
     return run
 
 
-def _add_config_options(p):
-    for name, default, help_text in config_fields():
-        flag = "--" + name.replace("_", "-")
-        if isinstance(default, bool):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
-        else:
-            kind = {"budget": float, "module_budget": float, "embedding_budget": float, "last_blocks": int,
-                    "nsamples": int, "seqlen": int, "seed": int, "batch_size": int, "sparse": float,
-                    "sparse_rounds": int, "plan_trials": int}.get(name, str)
-            p.add_argument(flag, type=kind, default=default, help=help_text)  # the formatter adds the default
+KINDS = {"budget": float, "module_budget": float, "embedding_budget": float, "last_blocks": int, "nsamples": int,
+         "seqlen": int, "seed": int, "batch_size": int, "sparse": float, "sparse_rounds": int, "plan_trials": int}
+
+
+def _add_config_options(p, groups):
+    """One flag per CompressConfig field, in the argument group its OPTION_GROUPS entry names."""
+    from .config import OPTION_GROUPS, short_help
+    fields = {name: (default, help_text) for name, default, help_text in config_fields()}
+    for title, names in OPTION_GROUPS.items():
+        for name in names:
+            default, help_text = fields.pop(name)
+            flag, text = "--" + name.replace("_", "-"), short_help(help_text)
+            if isinstance(default, bool):
+                groups[title].add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=text)
+            else:  # the formatter adds the default
+                groups[title].add_argument(flag, type=KINDS.get(name, str), default=default, help=text)
+    assert not fields, f"CompressConfig fields without an option group: {sorted(fields)}"
 
 
 def build_parser():
-    from .packaged import PACKAGED_MODELS
+    from .modeling.packaged import PACKAGED_MODELS
     parser = argparse.ArgumentParser(prog="llmrom", description=__doc__.splitlines()[0].split(":")[0] + ": "
                                      "compress Hugging Face causal LMs by reduced-order modelling (LLM-ROM).")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
@@ -45,21 +52,27 @@ def build_parser():
     sub = parser.add_subparsers(dest="command", required=True)
 
     c = sub.add_parser("compress", help="compress a model and save a loadable Hugging Face folder",
+                       description="Compress a causal LM by reduced-order modelling and save a Hugging Face folder.",
+                       epilog="Every option's full text and measured effect: docs/options.md.",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    c.add_argument("model", help="a Hugging Face folder, a .gguf file, a hub id, or a packaged model: "
-                                 + ", ".join(sorted(PACKAGED_MODELS)))
-    c.add_argument("--out", required=True, help="output folder (written atomically; must not exist)")
-    c.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    c.add_argument("--gguf-file", help="GGUF file name inside the MODEL folder")
-    c.add_argument("--export", choices=["factorized", "dense"], default="factorized",
-                   help="factorized: the compact two-linear form; dense: merged weights in the original "
-                        "architecture, for engines that need standard layers (no size saving on disk)")
-    c.add_argument("--eval", metavar="SOURCE", help="also report perplexity before and after on this held-out "
-                                                    "text (e.g. python-docs:tutorial)")
-    c.add_argument("--eval-seqlen", type=int, default=512, help="tokens per evaluation window")
-    c.add_argument("--eval-windows", type=int, default=40, help="number of evaluation windows (first N)")
-    _add_config_options(c)
-    _add_stream_options(c)
+    from .config import OPTION_GROUPS
+    groups = {title: c.add_argument_group(title) for title in OPTION_GROUPS}
+    every = groups["everyday options"]
+    every.add_argument("model", help="a Hugging Face folder, a .gguf file, a hub id, or a packaged model: "
+                                     + ", ".join(sorted(PACKAGED_MODELS)))
+    every.add_argument("--out", required=True, help="output folder (written atomically; must not exist)")
+    every.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    every.add_argument("--eval", metavar="SOURCE", help="also report perplexity before and after on this held-out "
+                                                        "text (e.g. python-docs:tutorial)")
+    _add_config_options(c, groups)
+    out = groups["output and evaluation options"]
+    out.add_argument("--export", choices=["factorized", "dense"], default="factorized",
+                     help="factorized: the compact two-linear form; dense: merged weights in the original "
+                          "architecture (no size saving)")
+    out.add_argument("--gguf-file", help="GGUF file name inside the MODEL folder")
+    out.add_argument("--eval-seqlen", type=int, default=512, help="tokens per evaluation window")
+    out.add_argument("--eval-windows", type=int, default=40, help="number of evaluation windows (first N)")
+    _add_stream_options(c.add_argument_group("streaming: models larger than memory"))
 
     _add_eval_parser(sub, PACKAGED_MODELS)
     _add_heal_parser(sub)
@@ -89,9 +102,9 @@ def main(argv=None):
 @_without_grad
 def cmd_compress(args):
     from . import api
-    from .io import check_output, load_model
-    from .perplexity import perplexity
-    from .textdata import eval_windows, load_text
+    from .modeling.io import check_output, load_model
+    from .eval.perplexity import perplexity
+    from .data.textdata import eval_windows, load_text
 
     cfg = CompressConfig(**{name: getattr(args, name) for name, _, _ in config_fields()})
     out = Path(args.out)
@@ -111,7 +124,7 @@ def cmd_compress(args):
     if args.export == "dense" and cfg.centered:
         api.check_dense_exportable(model)
     model, report = api.compress(model, tokenizer, cfg)
-    report["source"] = {"model": args.model, "gguf_file": args.gguf_file}
+    report["source"] = {**report.get("source", {}), "model": args.model, "gguf_file": args.gguf_file}
     if eval_text is not None:
         ppl["after"] = perplexity(model, windows, progress=True)
         report["evaluation"] = {"source": args.eval, "seqlen": args.eval_seqlen, "windows": len(windows),
@@ -144,7 +157,7 @@ def _plan_line(plan):
 
 
 def cmd_info(args):
-    from .io import REPORT_NAME, is_llmrom_folder
+    from .modeling.io import REPORT_NAME, is_llmrom_folder
     folder = Path(args.folder)
     if not (folder / REPORT_NAME).is_file():
         kind = "an llmrom folder without its report" if is_llmrom_folder(folder) else "not an llmrom folder"
@@ -156,6 +169,8 @@ def cmd_info(args):
     t = report["totals"]
     print(f"{folder}: {t['parameters_before']:,} -> {t['parameters_after']:,} parameters "
           f"(kept {t['kept_fraction']:.4f}); MACs/token {t['macs_per_token_before']:,} -> {t['macs_per_token_after']:,}")
+    from .eval.cost import disk_bytes
+    print(f"bytes on disk: {disk_bytes(folder):,} (weights stored as {report.get('saved_dtype', 'float32')})")
     print(f"plan: {_plan_line(report['plan'])}; method {report['config']['method']}, "
           f"centered={report['config']['centered']}, sequential={report['config']['sequential']}, "
           f"correct={report['config'].get('correct', False)}")
@@ -201,15 +216,16 @@ def _add_eval_parser(sub, packaged):
                    help="dtype to load the models in")
     e.add_argument("--device", default="cpu", help="where the models run: cpu or cuda[:N] (speed is then the "
                    "GPU's; the protocol names it)")
+    e.add_argument("--generate", metavar="PROMPT", help="also show both models' greedy continuation of PROMPT")
     e.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
 
 
 @_without_grad
 def cmd_eval(args):
     from .config import parse_device
-    from .cost import disk_bytes
-    from .evaluate import evaluate, format_results
-    from .io import REPORT_NAME, is_llmrom_folder, load_model, write_json_atomic
+    from .eval.cost import disk_bytes
+    from .eval.evaluate import evaluate, format_results
+    from .modeling.io import REPORT_NAME, is_llmrom_folder, load_model, write_json_atomic
 
     for name in ("seqlen", "fidelity_windows", "task_batch_size"):
         if getattr(args, name) < 1:
@@ -245,7 +261,7 @@ def cmd_eval(args):
     res = evaluate(model, tokenizer, reference=ref_model, ppl=ppl, seqlen=args.seqlen,
                    max_windows=args.windows or None, fidelity_windows=args.fidelity_windows, tasks=tasks,
                    task_options={"limit": args.task_limit, "batch_size": args.task_batch_size},
-                   speed=args.speed, disk=disk_bytes(folder), reference_disk=ref_disk)
+                   speed=args.speed, disk=disk_bytes(folder), reference_disk=ref_disk, generate=args.generate)
     res["model"]["source"] = args.model
     if reference is not None:
         res["reference"]["source"] = reference
@@ -258,7 +274,7 @@ def cmd_eval(args):
 
 
 def _add_heal_parser(sub):
-    from .heal import HealConfig
+    from .heal.train import HealConfig
 
     d = HealConfig()  # one place for the defaults
     h = sub.add_parser("heal", help="recovery fine-tuning of a compressed folder (factors only, or merged LoRA)",
@@ -309,9 +325,9 @@ def cmd_heal(args):
     import torch
 
     from . import api
-    from .heal import HealConfig, check_held_out, heal
-    from .io import REPORT_NAME, check_output, is_llmrom_folder
-    from .textdata import eval_windows, load_text
+    from .heal.train import HealConfig, check_held_out, heal
+    from .modeling.io import REPORT_NAME, check_output, is_llmrom_folder
+    from .data.textdata import eval_windows, load_text
 
     folder, out = Path(args.folder), Path(args.out)
     if not is_llmrom_folder(folder):
@@ -366,15 +382,13 @@ def cmd_heal(args):
 def _add_stream_options(p):
     p.add_argument("--stream", action="store_true",
                    help="read, compress and write one block at a time from a safetensors folder or a GGUF file "
-                        "(dequantized tensor by tensor; llama, qwen2/3, gemma2/3) (memory: one block, its statistics "
-                        "and the hidden states); needs --last-blocks or --ranks-file. Not automatic: without it the "
-                        "model is loaded whole")
+                        "(needs --last-blocks or --ranks-file; docs/streaming.md)")
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted --stream run from its last finished block (same options)")
 
 
 def _compress_streaming(args, cfg, out):
-    from .stream import compress_streaming
+    from .loop.stream import compress_streaming
     if not args.stream:
         raise LlmromError("--resume continues a --stream run; add --stream")
     if args.export != "factorized" or args.eval:

@@ -26,20 +26,6 @@ def parse_device(name):
     return dev
 
 
-def check_correction(correct, sequential, method, sparse):
-    """Refuse --correct where it cannot work (one place for CompressConfig and pipeline.LoopOptions)."""
-    if not correct:
-        return
-    if not sequential:
-        raise LlmromError("--correct calibrates toward the dense model from the compressed model's inputs; "
-                          "with --no-sequential both are the dense ones: drop one of the two")
-    if method != "rom":
-        raise LlmromError(f"--correct is implemented for --method rom only, not {method}")
-    if sparse:
-        raise LlmromError("--correct and --sparse cannot be combined yet (the sparse part is fitted to the "
-                          "layer's own inputs); drop one of them")
-
-
 @dataclass(frozen=True)
 class CompressConfig:
     budget: float | None = _f(None, "fraction of the WHOLE model's parameters to keep, in (0, 1] (embeddings "
@@ -73,7 +59,7 @@ class CompressConfig:
     factors: str = _f("interpolative", "how the two factors are stored: interpolative (r rows or columns of one "
                                        "factor, on the smaller side, are made the identity and not stored: the "
                                        "same map in r (d_in + d_out - r) numbers plus min(d_in, d_out) indices, "
-                                       "so a module budget buys a larger rank; llmrom.interp) or pair (the "
+                                       "so a module budget buys a larger rank; llmrom.factor.interp) or pair (the "
                                        "paper's and the SVD baselines' r (d_in + d_out))")
     centered: bool = _f(True, "PCA of mean-centred outputs, with the mean of the dropped directions restored in "
                               "a bias (counted in the budget). On by default: at equal budget it beat uncentred "
@@ -100,6 +86,10 @@ class CompressConfig:
     batch_size: int = _f(16, "calibration windows per forward pass (lower it if memory is short)")
     device: str = _f("cpu", "where blocks are computed: cpu or cuda[:N]")
     dtype: str = _f("float32", "dtype the model is loaded and computed in: float32, bfloat16 or float16")
+    save_dtype: str = _f("auto", "dtype of the saved weights: auto (the source checkpoint's float dtype, and "
+                                 "bfloat16 for a quantized GGUF source), float32, bfloat16 or float16. Compute "
+                                 "stays in --dtype; bfloat16 halves the folder against float32 and moves the "
+                                 "logits by bfloat16 rounding of the weights only")
     activations: str = _f("cpu", "where the calibration hidden states live between blocks: cpu (memory) or disk "
                                  "(two files beside the output, one micro-batch in memory at a time)")
     activations_dtype: str | None = _f(None, "dtype the hidden states are kept in between blocks: float32, "
@@ -138,16 +128,17 @@ class CompressConfig:
         if self.embedding_budget is not None and not 0 < self.embedding_budget <= 1:
             raise LlmromError(f"--embedding-budget must be in (0, 1] (1 keeps the embedding dense), "
                               f"got {self.embedding_budget}")
-        from .policies import POLICIES
+        from .plan.policies import POLICIES
         if self.policy not in POLICIES:
             raise LlmromError(f"unknown --policy {self.policy!r}; choose one of {sorted(POLICIES)}")
         if self.policy != "last-blocks" and (self.budget is None or self.last_blocks is not None
                                              or self.module_budget is not None or self.ranks_file is not None):
             raise LlmromError(f"--policy {self.policy} spreads --budget over every block; give --budget alone "
                               "(no --last-blocks, --module-budget or --ranks-file)")
-        from .methods import METHODS
+        from .factor.methods import METHODS
         if self.method not in METHODS:
             raise LlmromError(f"unknown --method {self.method!r}; choose one of {sorted(METHODS)}")
+        from .loop.pipeline import check_correction
         check_correction(self.correct, self.sequential, self.method, self.sparse)
         if self.factors not in FACTOR_FORMS:
             raise LlmromError(f"--factors must be one of {', '.join(FACTOR_FORMS)}, got {self.factors!r}")
@@ -159,6 +150,8 @@ class CompressConfig:
         parse_device(self.device)
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise LlmromError(f"--dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.save_dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise LlmromError(f"--save-dtype must be auto, float32, bfloat16 or float16, got {self.save_dtype!r}")
         if self.activations not in ("cpu", "disk"):
             raise LlmromError(f"--activations must be cpu or disk, got {self.activations!r}")
         if isinstance(self.sparse, bool) or not isinstance(self.sparse, (int, float)) or not 0 <= self.sparse < 1:
@@ -175,8 +168,18 @@ class CompressConfig:
 
     @property
     def interpolative(self):
-        """Whether factors are stored in the interpolative form (llmrom.interp)."""
+        """Whether factors are stored in the interpolative form (llmrom.factor.interp)."""
         return self.factors == "interpolative"
+
+    def loop_options(self, progress=True):
+        """The block loop's options (llmrom.loop.pipeline.LoopOptions) for this configuration."""
+        from .loop.pipeline import LoopOptions
+        return LoopOptions(method=self.method, centered=self.centered, sequential=self.sequential,
+                           batch_size=self.batch_size, device=self.device, progress=progress,
+                           activations=self.activations, activations_dtype=self.activations_dtype,
+                           correct=self.correct, sparse=self.sparse, sparse_select=self.sparse_select,
+                           sparse_rounds=self.sparse_rounds, sparse_modules=self.sparse_modules,
+                           interp=self.interpolative)
 
     def to_dict(self):
         return {"type": "CompressConfig", "version": CONFIG_VERSION, **asdict(self)}
@@ -187,6 +190,31 @@ class CompressConfig:
         if d.pop("type", "CompressConfig") != "CompressConfig" or d.pop("version", CONFIG_VERSION) != CONFIG_VERSION:
             raise LlmromError("this CompressConfig was written by an incompatible llmrom version")
         return cls(**d)
+
+
+# How `llmrom compress --help` and docs/options.md group the fields: everyday options first.
+OPTION_GROUPS = {
+    "everyday options": ("budget", "calib", "device"),
+    "calibration options": ("nsamples", "seqlen", "seed"),
+    "planning: how the budget becomes ranks": ("last_blocks", "module_budget", "ranks_file", "embedding_budget",
+                                               "policy", "plan_trials"),
+    "method: how each linear is factorized": ("method", "factors", "centered", "sequential", "correct", "sparse",
+                                              "sparse_select", "sparse_rounds", "sparse_modules"),
+    "resources: memory and precision": ("batch_size", "dtype", "activations", "activations_dtype"),
+    "output and evaluation options": ("save_dtype",),
+}
+
+
+def short_help(text, limit=110):
+    """The first clause of a field's help (up to a '; ' or '. ' outside parentheses), for a --help a person
+    can scan; docs/options.md has the whole text."""
+    depth = 0
+    for i, ch in enumerate(text):
+        depth += (ch in "([") - (ch in ")]")  # intervals: (0, 1] and [0, 1) balance too
+        if depth == 0 and text.startswith(("; ", ". "), i):
+            text = text[:i]
+            break
+    return text if len(text) <= limit else text[:text.rfind(" ", 0, limit - 4)] + " ..."
 
 
 def config_fields():

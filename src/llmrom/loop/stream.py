@@ -1,0 +1,516 @@
+"""Compress a checkpoint block by block, never holding the whole model in memory.
+
+The source is a safetensors folder (sharded or not) or a GGUF file (a path, a folder holding one, or
+a packaged model name). A GGUF file is read tensor by tensor: each tensor is dequantized when its
+module needs it, with transformers' own name mapping and per-tensor processing
+(ggufcheckpoint.py), so the values equal those of `from_pretrained(..., gguf_file=...)` without
+ever dequantizing the whole model. Both sources answer the same interface (`Checkpoint`).
+
+The model is a skeleton on the meta device (rotary and other buffers are built for real, on the
+CPU); its config is the folder's config.json or the GGUF metadata, read as transformers reads it.
+Parameters outside the blocks are read only when a module runs during the capture of block 0's
+inputs (the embeddings), then released; then each block is read from the checkpoint, compressed
+by the same step as in-memory runs (`pipeline.compress_block`), written as its own shard, and
+released. The tensors outside the blocks (embeddings, final norm, head) are copied
+into the last shard one at a time. The folder is the one `llmrom.save` writes (same loader,
+identical logits); its shards are one per block.
+
+Everything happens in a hidden partial folder beside the output, with a journal: after each block,
+the block's shard, the hidden states after it (activations.py) and the records are on disk before
+the journal says the block is done. `--resume` continues from the last finished block and gives
+the same folder as an uninterrupted run. Only the final rename makes the output folder appear.
+"""
+
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+from tqdm.auto import tqdm
+
+from .. import __version__
+from .activations import FILES, DiskStore, MemoryStore, parse_dtype, read_record
+from ..plan.choose import choose_plan, linear_shapes
+from .report import build_report
+from ..modeling.arch import layout_for
+from .capture import record_calls
+from ..eval.cost import count_params, macs_per_token, peak_rss_bytes, return_free_memory
+from ..errors import LlmromError
+from ..modeling.factorized import FORMAT_VERSION, apply_factorization
+from .ggufcheckpoint import GgufCheckpoint
+from ..modeling.io import (DTYPES, check_output, factorization_meta, finish_folder, is_llmrom_folder, module_meta,
+                          stored_dtype)
+from .pipeline import ModuleRecord, compress_block, prepare_inputs
+from ..modeling.shards import INDEX_NAME, cast_entries, shard_name, tensor_entries, write_index, write_shard
+from ..data.textdata import tokens_sha256
+
+log = logging.getLogger(__name__)
+JOURNAL_NAME = "journal.json"
+
+
+class Checkpoint:
+    """The tensors of a Hugging Face safetensors folder (sharded or not), read on demand.
+
+    The interface streaming needs, shared with ggufcheckpoint.GgufCheckpoint: `folder`,
+    `config_source`, `name in ckpt` (Hugging Face parameter names) and `read({name: dtype})`.
+    """
+
+    config_source = "its config.json"
+
+    def __init__(self, folder):
+        self.folder = Path(folder)
+        index, single = self.folder / INDEX_NAME, self.folder / "model.safetensors"
+        if index.is_file():
+            self.files = json.loads(index.read_text())["weight_map"]
+        elif single.is_file():
+            with safe_open(single, framework="pt") as f:
+                self.files = {k: single.name for k in f.keys()}
+        else:
+            raise LlmromError(f"{folder} has no safetensors weights (model.safetensors or {INDEX_NAME}); "
+                              "--stream reads safetensors folders and GGUF files: save the model with save_pretrained "
+                              "or drop --stream")
+
+    def __contains__(self, name):
+        return name in self.files
+
+    def read(self, dtypes):
+        """{name: tensor} for {name: dtype}; floating tensors are cast, each file is opened once and closed."""
+        by_file, out = defaultdict(list), {}
+        for name in dtypes:
+            by_file[self.files[name]].append(name)
+        for fname, names in by_file.items():
+            with safe_open(self.folder / fname, framework="pt") as f:  # closing unmaps: pages leave the RSS
+                for n in names:
+                    t = f.get_tensor(n)
+                    out[n] = t.to(dtypes[n], copy=True) if t.is_floating_point() else t.clone()
+        return out
+
+
+def build_skeleton(folder, dtype):
+    """The model on the meta device (parameters only: buffers such as rotary tables are real).
+
+    `folder` is a Hugging Face folder or a .gguf file, whose metadata is the config (as for `gguf_file=`).
+    """
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    folder = Path(folder)
+    if folder.is_file():
+        try:
+            config = AutoConfig.from_pretrained(folder.parent, gguf_file=folder.name)
+        except (ValueError, OSError) as e:
+            raise LlmromError(f"cannot read the config of {folder}: {str(e).splitlines()[0]}") from None
+    else:
+        config = AutoConfig.from_pretrained(folder)
+    try:
+        with init_empty_weights(include_buffers=False):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    except ValueError as e:
+        raise LlmromError(f"cannot build {folder} as a causal LM: {str(e).splitlines()[0]}") from None
+    model.tie_weights()
+    if (folder / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(folder)
+    return model.eval()
+
+
+def tied_names(model):
+    """{parameter name: every name of that same parameter} (tied embeddings have two)."""
+    groups = defaultdict(list)
+    for name, p in model.named_parameters(remove_duplicate=False):
+        groups[id(p)].append(name)
+    return {n: names for names in groups.values() for n in names}
+
+
+def materialize(module, prefix, ckpt, ties):
+    """Read the meta parameters of `module` (dotted `prefix`) and its saved buffers from `ckpt`."""
+    want = {}
+    for name, p in module.named_parameters():
+        if p.device.type == "meta":
+            src = next((a for a in ties.get(prefix + name, [prefix + name]) if a in ckpt), None)
+            if src is None:
+                raise LlmromError(f"{ckpt.folder} lacks the tensor {prefix + name}: the checkpoint does not match "
+                                  f"{ckpt.config_source}")
+            want[name] = (src, p.dtype)
+    for name, b in module.named_buffers():
+        if prefix + name in ckpt:
+            want[name] = (prefix + name, b.dtype)
+    got = ckpt.read({src: dtype for src, dtype in want.values()})
+    module.load_state_dict({name: got[src] for name, (src, _) in want.items()}, strict=False, assign=True)
+
+
+def release(module):
+    """Put every parameter of `module` back on the meta device (frees its memory)."""
+    for m in module.modules():
+        for name, p in list(m._parameters.items()):
+            if p is not None and p.device.type != "meta":
+                m._parameters[name] = nn.Parameter(p.to("meta"), requires_grad=False)
+
+
+def resident_parameters(model):
+    """Parameters of `model` that are not on the meta device (what streaming holds in memory)."""
+    return sum(p.numel() for p in model.parameters() if p.device.type != "meta")
+
+
+def capture(model, blocks, tokens, opts, ckpt, ties, with_hidden=True):
+    """(calls, block-0 hidden states or None). Modules outside the blocks are read when they first
+    run (the embeddings; never the head) and released afterwards."""
+    inside = {id(m) for m in blocks.modules()}
+    handles, loaded = [], []
+
+    def pre(prefix):
+        def hook(mod, args, kwargs=None):
+            if any(p.device.type == "meta" for p in mod.parameters(recurse=False)):
+                materialize(mod, prefix, ckpt, ties)
+                loaded.append(mod)
+        return hook
+
+    try:
+        for name, m in model.named_modules():
+            if id(m) not in inside and any(True for _ in m.parameters(recurse=False)):
+                handles.append(m.register_forward_pre_hook(pre(name + ".")))
+        if with_hidden:
+            calls, hidden = prepare_inputs(model, blocks, tokens, opts)
+        else:  # resuming: the hidden states come from the journal
+            calls, hidden = {}, None
+            for b in tokens.split(opts.batch_size):
+                if b.shape[0] not in calls:
+                    calls[b.shape[0]] = record_calls(model, blocks, b)
+        resident = resident_parameters(model)
+    finally:
+        for h in handles:
+            h.remove()
+        for m in loaded:
+            release(m)
+    if hidden is not None and any(h.device.type == "meta" for h in hidden):
+        raise LlmromError(f"{type(model).__name__} reads weights outside its modules' forward before block 0; "
+                          "streaming cannot serve them: drop --stream")
+    return calls, hidden, resident
+
+
+class Partial:
+    """The hidden folder a streaming run writes into, its lock and its journal."""
+
+    def __init__(self, out):
+        self.out = Path(out)
+        self.path = self.out.parent / f".{self.out.name}.llmrom-partial"
+        self.journal = None
+        self._lock = None
+
+    def open(self, fingerprint, resume):
+        if resume:
+            if not (self.path / JOURNAL_NAME).is_file():
+                raise LlmromError(f"nothing to resume for {self.out}: {self.path} holds no interrupted run; "
+                                  "run without --resume")
+            self._take_lock()
+            self.journal = json.loads((self.path / JOURNAL_NAME).read_text())
+            for key, value in fingerprint.items():
+                if self.journal["fingerprint"].get(key) != value:
+                    self.close()
+                    raise LlmromError(f"--resume: the interrupted run in {self.path} had a different {key}; "
+                                      "resume with the same model and options, or delete that folder to start over")
+            self.commit(sessions=self.journal["sessions"] + 1)
+            return self.journal
+        try:
+            self.path.mkdir(parents=True)
+        except FileExistsError:
+            raise LlmromError(f"{self.path} holds an interrupted run for {self.out}; pass --resume to continue it, "
+                              "or delete that folder to start over") from None
+        self._take_lock()
+        self.journal = {"fingerprint": fingerprint, "blocks_done": 0, "hidden": None, "hidden_shapes": None,
+                        "hidden_dtype": None, "groups": None, "records": [], "modules": {}, "weight_map": {},
+                        "total_size": 0, "timings": {}, "wall_seconds": 0.0, "peak_rss_bytes": 0, "sessions": 1}
+        self.commit()
+        return self.journal
+
+    def _take_lock(self):
+        self._lock = open(self.path / "lock", "a")
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock.close()
+            self._lock = None
+            raise LlmromError(f"another llmrom run is writing {self.path}; wait for it to finish or stop it") from None
+
+    def commit(self, **updates):
+        """Update the journal on disk atomically (temporary file, fsync, rename)."""
+        self.journal.update(updates)
+        tmp = self.path / f".{JOURNAL_NAME}.tmp"
+        with open(tmp, "w") as f:
+            f.write(json.dumps(self.journal, indent=1) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path / JOURNAL_NAME)
+
+    def close(self):
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
+
+
+def _check_source(source):
+    """The safetensors folder or the .gguf file to stream (a packaged model name gives its GGUF file)."""
+    folder = Path(os.path.expanduser(str(source)))
+    if not folder.exists():
+        from ..modeling.packaged import PACKAGED_MODELS, resolve_packaged
+        if str(source) in PACKAGED_MODELS:
+            folder = resolve_packaged(str(source))
+    if folder.is_file():
+        if folder.suffix != ".gguf":
+            raise LlmromError(f"{source} is a file but not a .gguf; --stream reads a safetensors folder or a GGUF "
+                              "file")
+        return folder
+    if folder.is_dir() and not (folder / "config.json").is_file():
+        ggufs = sorted(folder.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return ggufs[0]
+        if ggufs:
+            raise LlmromError(f"{folder} holds {len(ggufs)} .gguf files; pass --gguf-file NAME or the file's path")
+    if not (folder / "config.json").is_file():
+        raise LlmromError(f"{source} is neither a local Hugging Face folder with config.json nor a .gguf file; "
+                          "--stream needs one (download the model first, or drop --stream)")
+    if is_llmrom_folder(folder):
+        raise LlmromError("this model is already compressed by llmrom; compress the original (dense) model "
+                          "with the lower budget instead")
+    return folder
+
+
+def _check_explicit_plan(config):
+    if getattr(config, "policy", "last-blocks") != "last-blocks":
+        raise LlmromError(f"--stream supports the last-blocks policy only (--policy {config.policy} profiles the "
+                          "whole dense model); use --last-blocks N with --budget or --module-budget, or --ranks-file")
+    if config.ranks_file is None and config.last_blocks is None and config.budget is not None and config.budget < 1:
+        raise LlmromError("--stream needs --last-blocks N (with --budget or --module-budget) or --ranks-file: the "
+                          "automatic choice of N profiles the whole dense model in memory")
+    if config.embedding_budget is not None and config.embedding_budget < 1:
+        raise LlmromError("--stream keeps the token embedding dense (it factorizes blocks only); drop "
+                          "--embedding-budget or compress without --stream")
+
+
+def _sha256(data):
+    return hashlib.sha256(data).hexdigest()
+
+
+def _fingerprint(folder, config, tokens, plan):
+    cfg = {k: v for k, v in config.to_dict().items() if k != "activations"}  # where they live changes nothing
+    return {"source": str(folder.resolve()), "config": cfg, "llmrom_version": __version__,
+            "tokens_sha256": tokens_sha256(tokens),
+            "plan_sha256": _sha256(json.dumps(plan, sort_keys=True).encode())}
+
+
+def _open_store(config, part, journal, hidden):
+    """The activation store: from the block-0 hidden states (fresh run) or from the journal (resume)."""
+    dtype = parse_dtype(config.activations_dtype)
+    if hidden is not None:
+        if config.activations == "disk":
+            store = DiskStore.create(part.path, hidden, dtype)
+            hidden.clear()
+            return store
+        return MemoryStore(hidden, dtype)
+    shapes, dtype = [tuple(s) for s in journal["hidden_shapes"]], DTYPES[journal["hidden_dtype"]]
+    if config.activations == "disk":
+        return DiskStore(part.path, shapes, dtype, journal["hidden"])
+    offset, tensors = 0, []
+    with open(part.path / journal["hidden"], "rb") as f:
+        for s in shapes:
+            t = read_record(f, offset, s, dtype)
+            offset += t.numel() * t.element_size()
+            tensors.append(t)
+    return MemoryStore(tensors, dtype)
+
+
+@torch.no_grad()  # not torch.set_grad_enabled(False): the caller's grad mode is left as it was
+def compress_streaming(source, out_dir, config, *, resume=False, overwrite=False, tokens=None, tokenizer=None,
+                       progress=True, monitor=None, max_blocks=None):
+    """Compress `source` (a safetensors folder, a .gguf file or a packaged model name) into `out_dir`
+    block by block; returns the report.
+
+    `tokens` (nsamples x seqlen) overrides the calibration text (tests); `monitor(event, model, resident)` is
+    called after every load and release (tests count resident parameters with it); `max_blocks`
+    stops after that many blocks, leaving a run to `resume` (benchmarks), and returns None.
+    """
+    t0 = time.perf_counter()
+    folder, out = _check_source(source), Path(out_dir)
+    check_output(out, overwrite)
+    _check_explicit_plan(config)
+    if getattr(config, "correct", False):
+        raise LlmromError("--correct is not supported with --stream yet (the resume journal keeps one copy of the "
+                          "hidden states, correction needs the dense ones too); drop --stream or --correct")
+    ckpt = GgufCheckpoint(folder) if folder.is_file() else Checkpoint(folder)  # refuses what it cannot read
+    save = config.save_dtype if config.save_dtype != "auto" else \
+        stored_dtype(*((folder.parent, folder.name) if folder.is_file() else (folder,)))
+    skeleton = build_skeleton(folder, DTYPES[config.dtype])
+    if folder.is_file():
+        ckpt.bind(skeleton)
+    ties = tied_names(skeleton)
+    layout = layout_for(skeleton)
+    blocks = skeleton.get_submodule(layout.blocks_path)
+    n = len(blocks)
+    shapes = linear_shapes(skeleton, layout, config.centered, config.interpolative)
+    before = {"parameters": count_params(skeleton), "macs_per_token": macs_per_token(skeleton)}
+    if tokenizer is None:
+        tokenizer = _tokenizer(folder, needed=tokens is None)
+    if tokens is None:
+        from ..data.textdata import calibration_windows, load_text
+        tokens = calibration_windows(tokenizer, load_text(config.calib), config.nsamples, config.seqlen, config.seed)
+    opts = config.loop_options(progress)
+    plan, _, plan_info = choose_plan(skeleton, layout, shapes, before["parameters"], tokens, config, opts)
+    monitor = monitor or (lambda event, model, resident: None)
+
+    part = Partial(out)
+    journal = part.open(_fingerprint(folder, config, tokens, plan), resume)
+    try:
+        start = journal["blocks_done"]
+        timings = defaultdict(float, journal["timings"])
+        records = [ModuleRecord(**r) for r in journal["records"]]
+        groups = tuple(tuple(g) for g in journal["groups"]) if journal["groups"] else layout.groups
+        apply_factorization(skeleton, {"format_version": FORMAT_VERSION, "modules": journal["modules"]},
+                            device="meta")
+        stop = n if max_blocks is None else min(n, start + max_blocks)
+        if start < n:
+            t = time.perf_counter()
+            calls, hidden, resident = capture(skeleton, blocks, tokens, opts, ckpt, ties, with_hidden=start == 0)
+            monitor("capture", skeleton, resident)
+            store = _open_store(config, part, journal, hidden)
+            timings["capture"] += time.perf_counter() - t
+            if start == 0:
+                part.commit(hidden_shapes=store.shapes, hidden_dtype=str(store.dtype).removeprefix("torch."))
+            try:
+                for i in tqdm(range(start, stop), initial=start, total=n, desc="blocks", unit="block",
+                              disable=not progress):
+                    groups = _one_block(skeleton, blocks, i, n, layout, groups, calls, store, plan, opts, ckpt, ties,
+                                        part, records, timings, monitor, t0, DTYPES[save])
+            finally:
+                if isinstance(store, DiskStore):
+                    store.close()
+        if stop < n:
+            _session_end(part, timings, t0)
+            return None
+        report = _finish(skeleton, tokenizer, folder, out, part, ckpt, ties, layout, n, config, plan_info, tokens,
+                         before, records, timings, t0, save)
+    finally:
+        part.close()
+    return report
+
+
+def _tokenizer(folder, needed):
+    from transformers import AutoTokenizer
+    if folder.is_file():  # a GGUF file carries its tokenizer
+        try:
+            return AutoTokenizer.from_pretrained(folder.parent, gguf_file=folder.name)
+        except (ValueError, OSError) as e:
+            if needed:
+                raise LlmromError(f"cannot read the tokenizer of {folder}: {str(e).splitlines()[0]}") from None
+            return None
+    if any((folder / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        return AutoTokenizer.from_pretrained(folder)
+    if needed:
+        raise LlmromError(f"{folder} has no tokenizer to make the calibration windows; add one to the folder")
+    return None
+
+
+def _one_block(skeleton, blocks, i, n, layout, groups, calls, store, plan, opts, ckpt, ties, part, records,
+               timings, monitor, t0, save_dtype):
+    """Read, compress, write and release block i, then record it in the journal."""
+    block, prefix = blocks[i], f"{layout.blocks_path}.{i}."
+    t = time.perf_counter()
+    materialize(block, prefix, ckpt, ties)
+    timings["read"] += time.perf_counter() - t
+    monitor("block loaded", skeleton, resident_parameters(skeleton))
+    block.to(opts.device)
+    done, groups = compress_block(block, prefix, i, groups, calls, store, plan, opts, timings, mlp_half=layout.mlp_half)
+    store.end_block()
+    block.to("cpu")
+    monitor("block compressed", skeleton, resident_parameters(skeleton))
+    t = time.perf_counter()
+    name = shard_name(i + 2, n + 1)  # shard 1 holds the tensors outside the blocks, written last
+    state = block.state_dict(prefix=prefix)
+    nbytes = write_shard(part.path / name, cast_entries(tensor_entries(state), save_dtype))
+    del state
+    release(block)
+    return_free_memory()
+    timings["write"] += time.perf_counter() - t
+    monitor("block released", skeleton, resident_parameters(skeleton))
+    t = time.perf_counter()
+    hidden = store.snapshot(part.path, avoid=part.journal["hidden"]) if i + 1 < n else part.journal["hidden"]
+    timings["activations"] += time.perf_counter() - t
+    records.extend(done)
+    modules = dict(part.journal["modules"])
+    modules.update({r.name: module_meta(block.get_submodule(r.name[len(prefix):])) for r in done if r.rank is not None})
+    weight_map = dict(part.journal["weight_map"])
+    weight_map.update({k: name for k in block.state_dict(prefix=prefix)})
+    part.commit(blocks_done=i + 1, hidden=hidden, groups=[list(g) for g in groups], records=[r.to_dict() for r in records],
+                modules=modules, weight_map=weight_map, total_size=part.journal["total_size"] + nbytes,
+                timings=dict(timings))
+    return groups
+
+
+def _session_end(part, timings, t0):
+    part.commit(timings=dict(timings), wall_seconds=part.journal["wall_seconds"] + time.perf_counter() - t0,
+                peak_rss_bytes=max(part.journal["peak_rss_bytes"], peak_rss_bytes()))
+
+
+def _outside_entries(skeleton, layout, ckpt, ties):
+    """write_shard entries for the tensors outside the blocks, each read from `ckpt` when written."""
+    entries, seen = [], set()
+    buffers = dict(skeleton.named_buffers())
+    for key, value in skeleton.state_dict().items():
+        if key.startswith(layout.blocks_path + ".") or key in seen:
+            continue
+        seen.update(ties.get(key, [key]))
+        src = next((a for a in ties.get(key, [key]) if a in ckpt), None)
+        if src is not None:
+            entries.append((key, value.dtype, tuple(value.shape), lambda s=src, d=value.dtype: ckpt.read({s: d})[s]))
+        elif key in buffers and buffers[key].device.type != "meta":
+            entries.append((key, value.dtype, tuple(value.shape), lambda b=buffers[key]: b))
+        else:
+            raise LlmromError(f"{ckpt.folder} lacks the tensor {key}: the checkpoint does not match {ckpt.config_source}")
+    return entries
+
+
+def _finish(skeleton, tokenizer, folder, out, part, ckpt, ties, layout, n, config, plan_info, tokens, before,
+            records, timings, t0, save_dtype):
+    """Write the shard of the tensors outside the blocks, the index and the rest; rename into place."""
+    t = time.perf_counter()
+    name = shard_name(1, n + 1)
+    entries = cast_entries(_outside_entries(skeleton, layout, ckpt, ties), DTYPES[save_dtype])
+    nbytes = write_shard(part.path / name, entries)
+    weight_map = {k: name for k, *_ in entries}
+    weight_map.update(part.journal["weight_map"])
+    write_index(part.path, weight_map, part.journal["total_size"] + nbytes)
+    timings["write"] += time.perf_counter() - t
+    _session_end(part, timings, t0)
+    skeleton.tie_weights()  # releasing the embeddings untied them from the head; count tied weights once
+    after = {"parameters": count_params(skeleton), "macs_per_token": macs_per_token(skeleton)}
+    report = build_report(config, plan_info, tokens, before, after, records, part.journal["wall_seconds"],
+                          part.journal["peak_rss_bytes"])
+    for r in records:
+        if r.rank is None:
+            log.warning("%s", f"{r.name}: {r.note}")
+    report["saved_dtype"] = save_dtype
+    report["streaming"] = {"source": str(folder), "activations": config.activations,
+                           "sessions": part.journal["sessions"], "seconds": _time_split(timings)}
+    for f in (*FILES, JOURNAL_NAME, "lock"):
+        (part.path / f).unlink(missing_ok=True)
+    meta = factorization_meta(skeleton, config.method, config.centered)
+    finish_folder(part.path, out, skeleton, tokenizer, meta, report, dtype=save_dtype)
+    return report
+
+
+def _time_split(timings):
+    """Seconds per kind of work; `forward` excludes the covariance updates made inside it."""
+    split = {k: round(v, 3) for k, v in timings.items()}
+    split["forward"] = round(timings.get("forward", 0.0) - timings.get("covariance", 0.0), 3)
+    return split
+
+
+def discard(out):
+    """Delete the partial folder of an interrupted run for `out` (benchmarks)."""
+    shutil.rmtree(Partial(out).path, ignore_errors=True)
