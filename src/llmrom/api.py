@@ -4,7 +4,7 @@ import logging
 import time
 
 from .config import CompressConfig
-from .data.textdata import calibration_windows, load_text
+from .data.textdata import calib_windows
 from .errors import LlmromError
 from .eval.cost import count_params, macs_per_token, peak_rss_bytes
 from .loop.pipeline import compress_blocks
@@ -32,7 +32,7 @@ def compress(model, tokenizer, config: CompressConfig, progress=True, tokens=Non
     shapes = linear_shapes(model, layout, config.centered, config.interpolative)
     before = {"parameters": count_params(model), "macs_per_token": macs_per_token(model)}
     if tokens is None:
-        tokens = calibration_windows(tokenizer, load_text(config.calib), config.nsamples, config.seqlen, config.seed)
+        tokens = calib_windows(tokenizer, config.calib, config.nsamples, config.seqlen, config.seed)
     opts = config.loop_options(progress)
     plan, emb_rank, plan_info = choose_plan(model, layout, shapes, before["parameters"], tokens, config, opts)
     if emb_rank is not None:  # first, so that every block is calibrated on the factorized embedding's outputs

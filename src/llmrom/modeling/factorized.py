@@ -80,10 +80,11 @@ class FactorizedLinear(nn.Module):
     def forward(self, x):
         if self.interp == "in":
             x_k, x_o = x.index_select(-1, self.order[:self.rank]), x.index_select(-1, self.order[self.rank:])
-            if type(self.first) is nn.Linear:  # z = x[K] + D x[O] in one fused product (2-D for addmm)
+            if type(self.first) is nn.Linear and type(self.first.weight) is nn.Parameter:  # z = x[K] + D x[O], one
+                # fused product (2-D for addmm); a quantized weight (a tensor subclass) or an adapter takes F.linear
                 z = torch.addmm(x_k.reshape(-1, self.rank), x_o.reshape(-1, x_o.shape[-1]), self.first.weight.T)
                 z = z.reshape(*x.shape[:-1], self.rank)
-            else:  # an adapter wraps `first` (llmrom.lora)
+            else:
                 z = x_k + self.first(x_o)
             y = self.second(z)
         elif self.interp == "out":
