@@ -11,7 +11,8 @@ from .loop.pipeline import compress_blocks
 from .loop.report import build_report
 from .modeling.arch import layout_for
 from .modeling.factorized import FactorizedLinear
-from .modeling.io import (factorization_meta, load, save as _save_folder,  # noqa: F401  (load is public)
+from .export.quantize import quantize
+from .modeling.io import (DTYPES, factorization_meta, load, save as _save_folder,  # noqa: F401  (load is public)
                           save_dtype_for)
 from .plan.choose import check_dense_exportable, choose_plan, linear_shapes  # noqa: F401  (used by the CLI)
 from .plan.embedding import embedding_shape, factorize_embedding, is_factorized
@@ -55,10 +56,15 @@ def save(model, tokenizer, out_dir, report, overwrite=False, export_dense=False,
 
     `dtype` of the stored weights: None takes the config's --save-dtype, whose default (auto) is the source
     checkpoint's stored dtype (bfloat16 for a GGUF file; recorded by load_model), else the model's own.
+    When the config asks for --quantize, the model is cast to that dtype and quantized in place first.
     """
     cfg = report.get("config", {})
     meta = factorization_meta(model, cfg.get("method", "rom"), cfg.get("centered", False))
     dtype = dtype or save_dtype_for(cfg, report.get("source"), model)
     report.setdefault("saved_dtype", dtype)
+    if cfg.get("quantize", "none") != "none" and not export_dense:
+        names = quantize(model, cfg["quantize"], cfg.get("quant_group_size"), DTYPES[dtype])
+        report["quantization"] = {"library": "torchao", "scheme": cfg["quantize"],
+                                  "group_size": cfg.get("quant_group_size"), "linears": len(names)}
     return _save_folder(model, tokenizer, out_dir, meta, report, overwrite=overwrite, export_dense=export_dense,
                         dtype=dtype)

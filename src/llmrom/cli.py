@@ -25,7 +25,8 @@ def _without_grad(command):
 
 
 KINDS = {"budget": float, "module_budget": float, "embedding_budget": float, "last_blocks": int, "nsamples": int,
-         "seqlen": int, "seed": int, "batch_size": int, "sparse": float, "sparse_rounds": int, "plan_trials": int}
+         "seqlen": int, "seed": int, "batch_size": int, "sparse": float, "sparse_rounds": int, "plan_trials": int,
+         "quant_group_size": int}
 
 
 def _add_config_options(p, groups):
@@ -121,6 +122,9 @@ def cmd_compress(args):
         windows = eval_windows(tokenizer, eval_text, args.eval_seqlen, args.eval_windows)
         ppl["before"] = perplexity(model, windows, progress=True)
         log.info("perplexity before: %.3f", ppl["before"])
+    if args.export == "dense" and cfg.quantize != "none":
+        raise LlmromError("--export dense merges the factors into float weights; drop --quantize (or quantize the "
+                          "dense export with another tool)")
     if args.export == "dense" and cfg.centered:
         api.check_dense_exportable(model)
     model, report = api.compress(model, tokenizer, cfg)

@@ -92,6 +92,12 @@ class CompressConfig:
                                  "bfloat16 for a quantized GGUF source), float32, bfloat16 or float16. Compute "
                                  "stays in --dtype; bfloat16 halves the folder against float32 and moves the "
                                  "logits by bfloat16 rounding of the weights only")
+    quantize: str = _f("none", "weight-only quantization of every linear after the low-rank step, through "
+                               "torchao: none or int8 (one scale per output row, or per --quant-group-size "
+                               "inputs); the token embedding and output layer stay in --save-dtype. The folder "
+                               "loads through transformers' TorchAoConfig, with or without llmrom")
+    quant_group_size: int | None = _f(None, "with --quantize: inputs per scale (a divisor of the linears' input "
+                                            "widths, e.g. 32 or 64); unset: one scale per output row")
     activations: str = _f("cpu", "where the calibration hidden states live between blocks: cpu (memory) or disk "
                                  "(two files beside the output, one micro-batch in memory at a time)")
     activations_dtype: str | None = _f(None, "dtype the hidden states are kept in between blocks: float32, "
@@ -154,6 +160,8 @@ class CompressConfig:
             raise LlmromError(f"--dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
         if self.save_dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise LlmromError(f"--save-dtype must be auto, float32, bfloat16 or float16, got {self.save_dtype!r}")
+        from .export.quantize import check_scheme
+        check_scheme(self.quantize, self.quant_group_size)
         if self.activations not in ("cpu", "disk"):
             raise LlmromError(f"--activations must be cpu or disk, got {self.activations!r}")
         if isinstance(self.sparse, bool) or not isinstance(self.sparse, (int, float)) or not 0 <= self.sparse < 1:
@@ -203,7 +211,7 @@ OPTION_GROUPS = {
     "method: how each linear is factorized": ("method", "factors", "centered", "sequential", "correct", "sparse",
                                               "sparse_select", "sparse_rounds", "sparse_modules"),
     "resources: memory and precision": ("batch_size", "dtype", "activations", "activations_dtype"),
-    "output and evaluation options": ("save_dtype",),
+    "output and evaluation options": ("save_dtype", "quantize", "quant_group_size"),
 }
 
 

@@ -340,6 +340,9 @@ def compress_streaming(source, out_dir, config, *, resume=False, overwrite=False
     folder, out = _check_source(source), Path(out_dir)
     check_output(out, overwrite)
     _check_explicit_plan(config)
+    if config.quantize != "none":
+        raise LlmromError("--quantize is not supported with --stream yet; compress with --stream, then quantize "
+                          "the folder in memory if it fits, or drop --quantize")
     if getattr(config, "correct", False):
         raise LlmromError("--correct is not supported with --stream yet (the resume journal keeps one copy of the "
                           "hidden states, correction needs the dense ones too); drop --stream or --correct")

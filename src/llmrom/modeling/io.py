@@ -186,7 +186,9 @@ def finish_folder(tmp, out, model, tokenizer, meta, report, export_dense=False, 
     config, generation config and parameter dtype (unless `dtype` names the stored one) are read.
     """
     config = model.config.to_dict()
-    config.pop("quantization_config", None)
+    quant = config.get("quantization_config")
+    if quant is not None and quant.get("quant_method") != "torchao":  # a GGUF source, dequantized on load
+        config.pop("quantization_config")
     config["dtype"] = dtype or str(next(model.parameters()).dtype).removeprefix("torch.")
     config["architectures"] = [meta["base_architecture"]]
     if export_dense:
@@ -250,33 +252,57 @@ def dense_state_dict(model, meta):
 
 def write_safetensors(state, folder, dtype=None):
     """Shards of at most SHARD_BYTES; tensors that share storage (tied weights) are written once;
-    floating tensors are cast to `dtype` when given (integer buffers keep theirs)."""
+    floating tensors are cast to `dtype` when given (integer buffers keep theirs). Quantized (torchao)
+    tensors are written flattened in torchao's own format, their layout in each shard's metadata, which
+    transformers' TorchAoConfig loader reads back."""
     seen, tensors = set(), {}
     for k, v in state.items():
-        key = (v.data_ptr(), v.shape, v.stride()) if v.device.type != "meta" else k
+        key = (v.data_ptr(), v.shape, v.stride()) if v.device.type != "meta" and _plain(v) else k
         if key in seen:
             continue
         seen.add(key)
-        tensors[k] = v.detach().to(dtype if dtype is not None and v.is_floating_point() else v.dtype).contiguous().cpu()
+        v = v.detach()
+        if _plain(v):
+            v = v.to(dtype if dtype is not None and v.is_floating_point() else v.dtype).contiguous()
+        tensors[k] = v.cpu()
     shards, cur, size = [], {}, 0
     for k, v in tensors.items():
-        nbytes = v.numel() * v.element_size()
+        nbytes = _nbytes(v)
         if cur and size + nbytes > SHARD_BYTES:
             shards.append(cur)
             cur, size = {}, 0
         cur[k], size = v, size + nbytes
     shards.append(cur)
-    if len(shards) == 1:
-        save_file(shards[0], folder / "model.safetensors", metadata={"format": "pt"})
-        return
+    names = ["model.safetensors"] if len(shards) == 1 else \
+        [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
     weight_map = {}
-    for i, shard in enumerate(shards, 1):
-        fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, folder / fname, metadata={"format": "pt"})
-        weight_map.update({k: fname for k in shard})
-    total = sum(v.numel() * v.element_size() for v in tensors.values())
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    for fname, shard in zip(names, shards):
+        flat, meta = _flatten(shard)
+        save_file(flat, folder / fname, metadata={"format": "pt", **meta})
+        weight_map.update({k: fname for k in flat})
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": sum(_nbytes(v) for v in tensors.values())}, "weight_map": weight_map}
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def _plain(v):
+    return type(v) in (torch.Tensor, torch.nn.Parameter)
+
+
+def _nbytes(v):
+    if _plain(v):
+        return v.numel() * v.element_size()
+    parts = [getattr(v, n, None) for n in (*v.tensor_data_names, *getattr(v, "optional_tensor_data_names", ()))]
+    return sum(_nbytes(t) for t in parts if isinstance(t, torch.Tensor))
+
+
+def _flatten(shard):
+    """(plain tensors, metadata): a shard with quantized (torchao) tensors in torchao's safetensors format."""
+    if all(_plain(v) for v in shard.values()):
+        return {k: v for k, v in shard.items()}, {}
+    from torchao.prototype.safetensors.safetensors_support import flatten_tensor_state_dict
+    flat, meta = flatten_tensor_state_dict(shard)
+    return {k: v.contiguous() for k, v in flat.items()}, meta
 
 
 def write_json_atomic(path, obj):

@@ -1,0 +1,2 @@
+"""Other forms of a compressed model: weight-only quantization of its linears (torchao).
+May import: errors, modeling."""
