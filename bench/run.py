@@ -58,7 +58,7 @@ VARIANTS = {  # name: CompressConfig fields that differ from the defaults
     # SVD-LLM (W): whitened SVD, the same ratio for every matrix of every block, dense activations
     "svd-llm": {"method": "whitened_svd", "centered": False, "sequential": False, "last_blocks": "all", **PAIR},
     "rom-correct": {"correct": True, **PAIR},  # calibrated toward the dense model's outputs (methods.rom_corrected)
-    "rom-sparse": {"sparse": 0.25, **PAIR},  # a quarter of each module's budget to a sparse residual (llmrom.factor.sparse)
+    "rom-sparse": {"sparse": 0.25, **PAIR},  # a quarter of each module's budget to a sparse residual (factor.sparse)
     "rom-interp-sparse": {"sparse": 0.25},  # the default rom plus that sparse residual
     "rom-sparse50": {"sparse": 0.5, **PAIR},  # half of it
     "rom-sparse-lean": {"sparse": 0.25, "sparse_modules": "lean", **PAIR},  # not on down_proj: memory stays as rom's

@@ -87,7 +87,10 @@ def test_tiny_gguf_streams_like_transformers_loads_it(tmp_path):
     path = write_gguf(tmp_path / "tiny.gguf")
     ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name, dtype=torch.float32)
     _forget_gguf_quantization(ref)
-    tokens, config = calib_tokens(), CompressConfig(last_blocks=2, module_budget=0.5, nsamples=12, seqlen=16)
+    # float32 out, to compare with the in-memory float32 model exactly (a GGUF source is saved as bfloat16
+    # by default: checked below)
+    tokens = calib_tokens()
+    config = CompressConfig(last_blocks=2, module_budget=0.5, nsamples=12, seqlen=16, save_dtype="float32")
     ref, ref_report = llmrom.compress(ref.eval(), None, config, progress=False, tokens=tokens)
     embeddings = 128 * 64
     one_block = sum(p.numel() for p in transformers.AutoModelForCausalLM.from_pretrained(
@@ -101,6 +104,11 @@ def test_tiny_gguf_streams_like_transformers_loads_it(tmp_path):
     assert report["totals"]["parameters_after"] == ref_report["totals"]["parameters_after"]
     check_memory(events, embeddings, one_block, 3)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no partial folder left
+    default = CompressConfig(last_blocks=2, module_budget=0.5, nsamples=12, seqlen=16)  # --save-dtype auto
+    report = compress_streaming(path, tmp_path / "bf16", default, tokens=tokens, tokenizer=TinyTokenizer(),
+                                progress=False)
+    assert report["saved_dtype"] == "bfloat16"
+    assert llmrom.load(tmp_path / "bf16")[0].model.layers[1].mlp.down_proj.first.weight.dtype == torch.bfloat16
 
 
 def test_gguf_resume_gives_the_same_folder(tmp_path):
@@ -152,7 +160,7 @@ def test_smollm2_gguf_streams_like_in_memory(tmp_path):
     from llmrom.data.textdata import calibration_windows, load_text
 
     model, tok = llmrom.load_model("smollm2-135m")
-    config = CompressConfig(last_blocks=2, module_budget=0.5, nsamples=8, seqlen=32)
+    config = CompressConfig(last_blocks=2, module_budget=0.5, nsamples=8, seqlen=32, save_dtype="float32")
     tokens = calibration_windows(tok, load_text("pydoc"), config.nsamples, config.seqlen, config.seed)
     embeddings = model.model.embed_tokens.weight.numel()
     one_block = sum(p.numel() for p in model.model.layers[0].parameters())

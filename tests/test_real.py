@@ -1,6 +1,7 @@
 """End to end on the real models shipped in PyPI packages (see ../shared/models.md)."""
 
 import importlib.util
+import json
 import math
 
 import pytest
@@ -47,6 +48,15 @@ def fresh(model):
 FAST = dict(last_blocks=3, module_budget=0.6, nsamples=32, seqlen=64, batch_size=8)
 
 
+def as_saved(model, folder):
+    """The in-memory model with its parameters rounded to the folder's saved dtype (a GGUF source is saved
+    in bfloat16), computed in float32 like the folder loaded with dtype=float32; buffers stay as loaded."""
+    saved = json.loads((folder / "llmrom_report.json").read_text())["saved_dtype"]
+    for p in model.parameters():
+        p.data = p.data.to(getattr(torch, saved)).float()
+    return saved
+
+
 def test_smollm2_end_to_end(smollm2, held_out, tmp_path):
     dense, tok = smollm2
     ppl_dense = perplexity(dense, held_out)
@@ -57,12 +67,14 @@ def test_smollm2_end_to_end(smollm2, held_out, tmp_path):
     ppl = perplexity(model, held_out)
     assert ppl_dense < ppl < 1.5 * ppl_dense
     out = llmrom.save(model, tok, tmp_path / "smol", report)
+    assert as_saved(model, out) == "bfloat16"  # a GGUF source: stored as bfloat16, half of float32's bytes
     ids = held_out[:2]
     with torch.no_grad():
         ref = model(ids).logits
-        loaded, tok2 = llmrom.load(out)
+        loaded, tok2 = llmrom.load(out, dtype=torch.float32)
         assert torch.equal(loaded(ids).logits, ref)
-        remote = transformers.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
+        remote = transformers.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True,
+                                                                    dtype=torch.float32).eval()
         assert torch.equal(remote(ids).logits, ref)
     assert tok2("def f(x): return x")["input_ids"] == tok("def f(x): return x")["input_ids"]
     assert count_params(loaded) == t["parameters_after"]
@@ -100,7 +112,8 @@ def test_smollm2_embedding_rom_beats_its_weight_svd(smollm2, held_out):
     tokens that English prose never uses); and the basis that also weighs the tied head's inputs
     beats the lookup's basis alone, with the default head share (HEAD_SHARE, 0.75) ahead of equal
     shares, as on the benchmark's evaluation text."""
-    from llmrom.plan.embedding import HEAD_SHARE, embedding_basis, embedding_shape, factorize_embedding, head_input_moment
+    from llmrom.plan.embedding import (HEAD_SHARE, embedding_basis, embedding_shape, factorize_embedding,
+                                       head_input_moment)
     dense, tok = smollm2
     calib = calibration_windows(tok, load_text("pydoc"), 64, 128, 0)
     rank = 400
@@ -132,18 +145,19 @@ def test_other_real_families_round_trip(name, modules, tmp_path):
     assert isinstance(model.get_input_embeddings(), FactorizedEmbedding)
     assert isinstance(model.get_output_embeddings(), FactorizedHead) == (name == "gemma3-270m")
     ids = tok("def add(a, b):\n    return a + b\n", return_tensors="pt")["input_ids"]
+    out = llmrom.save(model, tok, tmp_path / name, report)
+    assert as_saved(model, out) == "bfloat16"
     with torch.no_grad():
         ref = model(ids).logits
     assert torch.isfinite(ref).all()
-    out = llmrom.save(model, tok, tmp_path / name, report)
     del model
-    loaded, _ = llmrom.load(out)
+    loaded, _ = llmrom.load(out, dtype=torch.float32)
     assert sum(isinstance(m, FactorizedLinear) for m in loaded.modules()) == 7
     assert isinstance(loaded.get_input_embeddings(), FactorizedEmbedding)
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, ref)
     del loaded
-    remote = transformers.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
+    remote = transformers.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, dtype=torch.float32).eval()
     with torch.no_grad():
         assert torch.equal(remote(ids).logits, ref)
     assert not math.isnan(report["totals"]["kept_fraction"])

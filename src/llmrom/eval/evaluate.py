@@ -93,7 +93,16 @@ def _ppl(model, windows, progress, desc):
 def environment():
     return {"python": platform.python_version(), "torch": torch.__version__,
             "transformers": transformers.__version__, "llmrom": __version__, "machine": platform.machine(),
-            "processor": platform.processor(), "threads": torch.get_num_threads()}
+            "processor": platform.processor(), "cpu": cpu_model(), "threads": torch.get_num_threads()}
+
+
+def cpu_model():
+    """The CPU's model name (Linux /proc/cpuinfo; platform.processor() is often empty there)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), None)
+    except OSError:
+        return platform.processor() or None
 
 
 def format_results(res, names=("model", "reference")):

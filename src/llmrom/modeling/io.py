@@ -2,8 +2,9 @@
 
 A saved folder is a standard Hugging Face folder: safetensors shards, config.json (original config
 plus `llmrom` metadata and an `auto_map` to the self-contained `llmrom_modeling.py`), tokenizer,
-generation config, `llmrom_report.json`, a model card (README.md). It is written into a hidden temporary sibling and renamed
-into place at the end, so an interrupted run never leaves a folder that looks complete.
+generation config, `llmrom_report.json` and a model card (README.md). It is written into a hidden
+temporary sibling and renamed into place at the end, so an interrupted run never leaves a folder that
+looks complete.
 """
 
 import inspect
