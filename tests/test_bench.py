@@ -268,3 +268,24 @@ def test_report_flags_rows_calibrated_on_other_tokens_and_gpu_timings():
         "WARNING: the rows of a were calibrated on different token ids (111111111111, 222222222222); "
         "their perplexities do not compare."]
     assert report.gpu_mark(run("rom", device="cuda")) == " (GPU)" and report.gpu_mark(run("dense")) == ""
+
+
+def test_zero_shot_table_keeps_only_tasks_the_dense_model_knows(tmp_path):
+    """bench/zeroshot.py: retained above chance over the tasks where dense beats chance by two stderr."""
+    zs = bench_module("zeroshot")
+
+    def row(variant, accs, budget=None):
+        tasks = {t: {"acc": a, "acc_norm": a, "acc_stderr": 0.02, "acc_norm_stderr": 0.02, "samples": 100}
+                 for t, a in accs.items()}
+        r = {"model": "m", "variant": variant, "docs": 100, "zero_shot": {"tasks": tasks}}
+        return {**r, "budget": budget} if budget else r
+    dense = {"boolq": 0.45, "piqa": 0.70, "hellaswag": 0.45, "winogrande": 0.52, "arc_easy": 0.65,
+             "arc_challenge": 0.30}
+    half = {t: (a if t in ("boolq", "winogrande") else zs.CHANCE[t] + (a - zs.CHANCE[t]) / 2) for t, a in dense.items()}
+    (tmp_path / "m_dense_100.json").write_text(json.dumps(row("dense", dense)))
+    (tmp_path / "m_0.8_rom_100.json").write_text(json.dumps(row("rom", half, 0.8)))
+    d = row("dense", dense)["zero_shot"]["tasks"]
+    assert zs.above_chance(d) == ["piqa", "hellaswag", "arc_easy", "arc_challenge"]  # boolq below, wino within noise
+    assert abs(zs.retained(row("rom", half)["zero_shot"]["tasks"], d) - 0.5) < 1e-9
+    text = zs.table(tmp_path)
+    assert "| m | 0.8 | rom |" in text and "| 0.50 | 100 |" in text and "| m | 1 | dense |" in text
