@@ -153,3 +153,20 @@ def test_cli_eval_refuses_the_calibration_text(tiny_folder, tmp_path, capsys):
                "--seqlen", "16", "--calib", "pydoc")[0] == 0
     code, _, err = run(capsys, "eval", out, "--ppl", "pydoc", "--no-speed")
     assert code == 2 and "calibrated on" in err
+
+
+def test_generation_shows_both_models_greedy_continuations():
+    """`--generate`: each model's greedy continuation (equal to argmax decoding by hand), printed by name."""
+    from conftest import trained_tokenizer
+    tok, model = trained_tokenizer(), tiny_model("llama")
+    res = evaluate(model, tok, reference=copy.deepcopy(model), ppl=None, speed=False, generate="def f(x):",
+                   new_tokens=6, progress=False)
+    g = res["generation"]
+    assert g["new_tokens"] == 6 and g["prompt"] == "def f(x):" and g["model"] == g["reference"]
+    ids = tok("def f(x):", return_tensors="pt").input_ids
+    with torch.no_grad():
+        for _ in range(6):  # greedy by hand: full forward, argmax of the last position
+            ids = torch.cat([ids, model(ids).logits[:, -1].argmax(-1, keepdim=True)], 1)
+    assert g["model"] == tok.decode(ids[0, -6:], skip_special_tokens=True)
+    text = format_results(res)
+    assert "greedy continuation of 'def f(x):' (6 tokens):" in text and "  model:" in text and "reference:" in text

@@ -61,7 +61,7 @@ def save(model, tokenizer, out_dir, report, overwrite=False, export_dense=False,
     cfg = report.get("config", {})
     meta = factorization_meta(model, cfg.get("method", "rom"), cfg.get("centered", False))
     dtype = dtype or save_dtype_for(cfg, report.get("source"), model)
-    report.setdefault("saved_dtype", dtype)
+    report["saved_dtype"] = dtype
     if cfg.get("quantize", "none") != "none" and not export_dense:
         names = quantize(model, cfg["quantize"], cfg.get("quant_group_size"), DTYPES[dtype])
         report["quantization"] = {"library": "torchao", "scheme": cfg["quantize"],

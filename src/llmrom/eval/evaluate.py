@@ -46,6 +46,7 @@ def evaluate(model, tokenizer, *, reference=None, ppl="python-docs:tutorial", se
     `generate`: a prompt both models continue greedily for `new_tokens` tokens, so a person sees the text.
     """
     t0 = time.perf_counter()
+    models = {"model": model, **({"reference": reference} if reference is not None else {})}
     out = {"llmrom_version": __version__, "model": cost(model, disk)}
     if reference is not None:
         out["reference"] = cost(reference, reference_disk)
@@ -63,10 +64,8 @@ def evaluate(model, tokenizer, *, reference=None, ppl="python-docs:tutorial", se
                                            "next-token distributions and top-1 agreement, per predicted position"}
         out["perplexity"] = p
     if speed:
-        models = {"model": model, **({"reference": reference} if reference is not None else {})}
         out["speed"] = measure_speed(models, rounds=speed_rounds)
     if generate:
-        models = {"model": model, **({"reference": reference} if reference is not None else {})}
         out["generation"] = {"prompt": generate, "new_tokens": new_tokens, "protocol": "greedy, KV cache",
                              **{k: greedy_text(m, tokenizer, generate, new_tokens) for k, m in models.items()}}
     if tasks:
