@@ -32,11 +32,14 @@ HEADLINE_BEGIN, HEADLINE_END = "<!-- headline:begin (bench/report.py writes this
 PEER = "svd-llm"  # the peers' best recipe: SVD-LLM's whitened SVD
 
 
-def headline_table(by_model, budgets=(0.9, 0.8, 0.7)):
+def headline_table(by_model, budgets=(0.9, 0.8, 0.7), speed_dir=None):
     """README's short table: per model and budget, the default against dense and the peers' best recipe,
-    quality (perplexity), bytes (state dict) and speed where the row measured it."""
+    quality (perplexity), bytes (state dict) and speed: bench/speed.py's side-by-side ratios of the same
+    plan's saved folder (`speed_dir`, eager mode), else the row's own where it measured them."""
+    speed_rows = speed_by_row(Path(speed_dir)) if speed_dir else {}
     lines = ["| model | kept | dense ppl | SVD-LLM ppl | llmrom ppl | gap to dense closed | bytes (vs dense) "
-             "| decode x dense |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "| prefill x dense | decode x dense |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    old_plan = False
     for model, runs in sorted(by_model.items()):
         for b in budgets:
             ours = next((r for r in runs if r["variant"] == "rom" and r["budget"] == b), None)
@@ -49,12 +52,33 @@ def headline_table(by_model, budgets=(0.9, 0.8, 0.7)):
             closed = f"{(peer_ppl - ppl) / (peer_ppl - dense_ppl):.0%}" if peer_ppl and peer_ppl > dense_ppl else "-"
             size = e["model"].get("bytes"), e["reference"].get("bytes")
             size_text = f"{size[0] / 1e6:,.1f} MB ({size[0] / size[1]:.2f}x)" if all(size) else "-"
-            speed = e.get("speed")
-            dx = (f"{speed['model']['decode_tokens_per_s'] / speed['reference']['decode_tokens_per_s']:.2f}"
-                  if speed else "not measured")
-            lines.append(f"| {model} | {ours['totals']['kept_fraction']:.2f} | {dense_ppl:.2f} | "
-                         f"{f'{peer_ppl:.2f}' if peer_ppl else '-'} | {ppl:.2f} | {closed} | {size_text} | {dx} |")
+            ratios = speed_rows.get((model, b, "rom"))
+            if ratios is None and e.get("speed"):
+                ratios = {"prefill": e["speed"]["model"]["prefill_tokens_per_s"]
+                          / e["speed"]["reference"]["prefill_tokens_per_s"],
+                          "decode batch 1": e["speed"]["model"]["decode_tokens_per_s"]
+                          / e["speed"]["reference"]["decode_tokens_per_s"]}
+            px, dx = (f"{ratios[k]:.2f}" if ratios else "not measured" for k in ("prefill", "decode batch 1"))
+            mark = "" if "prefer" in ours.get("config", {}) else " †"
+            old_plan |= bool(mark)
+            lines.append(f"| {model}{mark} | {ours['totals']['kept_fraction']:.2f} | {dense_ppl:.2f} | "
+                         f"{f'{peer_ppl:.2f}' if peer_ppl else '-'} | {ppl:.2f} | {closed} | {size_text} "
+                         f"| {px} | {dx} |")
+    if old_plan:
+        lines += ["", "† planned before `--prefer speed` became the default (the plan `--prefer quality` makes "
+                      "now), not yet re-run."]
     return "\n".join(lines) if len(lines) > 2 else ""
+
+
+def speed_by_row(folder):
+    """{(model, budget, variant): speed ratios} from bench/speed.py's eager results files."""
+    out = {}
+    for path in sorted(folder.glob("*_eager.json")) if folder.is_dir() else []:
+        d = json.loads(path.read_text())
+        model = Path(d["model"]).name.removesuffix(".gguf")
+        for r in d["rows"].values():
+            out[model, r["budget"], r["variant"]] = r["speed_vs_dense"]
+    return out
 
 
 def load_runs(folder):
@@ -119,7 +143,8 @@ BASELINES = ("svd", "svd-llm", "rom-uncentred")  # issue 4's item 1: weight SVD,
 
 
 # llmrom's configurations: the default and its options
-OURS = ("rom", "rom-pair", "rom-blocks", "rom-interp", "rom-interp-sparse", "rom-correct", "rom-sparse", "rom-sparse50",
+OURS = ("rom", "rom-quality", "rom-pair",
+        "rom-blocks", "rom-interp", "rom-interp-sparse", "rom-correct", "rom-sparse", "rom-sparse50",
         "rom-sparse-lean", "rom-welore", "rom-welore-sparse", "rom-global", "rom-loss", "rom-loss-nonseq")
 
 
@@ -303,6 +328,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", default=str(HERE / "results" / "runs"))
     ap.add_argument("--out", default=str(HERE / "results"))
+    ap.add_argument("--speed", default=str(HERE / "results" / "speed"), help="bench/speed.py's results (README speed)")
     ap.add_argument("--readme", default=str(HERE.parent / "README.md"), help="README for the headline ('' for none)")
     ap.add_argument("--docs", default=str(HERE.parent / "docs"),
                     help="folder of results.md, healing.md and ablations.md ('' for none)")
@@ -325,7 +351,7 @@ def main(argv=None):
         write_between(docs / "healing.md", HEAL_BEGIN, HEAL_END, heal_table(out))
         write_between(docs / "ablations.md", ABLATION_BEGIN, ABLATION_END, ablation_section(out))
     if args.readme:
-        write_between(Path(args.readme), HEADLINE_BEGIN, HEADLINE_END, headline_table(by_model))
+        write_between(Path(args.readme), HEADLINE_BEGIN, HEADLINE_END, headline_table(by_model, speed_dir=args.speed))
     print(summary)
 
 

@@ -50,6 +50,7 @@ VARIANTS = {  # name: CompressConfig fields that differ from the defaults
     # variants: the last N blocks only
     "rom-blocks": {"embedding_budget": 1.0, **PAIR},
     "rom": {},  # the shipped default: interpolative factors; embedding's share of the cut chosen with N
+    "rom-quality": {"prefer": "quality"},  # the default before --prefer speed: every linear cut, however slightly
     "rom-pair": PAIR,  # the default before the interpolative form: embedding planned with N, factor pairs
     "rom-interp": {"factors": "interpolative"},  # rom-blocks' blocks and ranks' budget, interpolative factors
     "rom-uncentred": {"centered": False, **PAIR},  # the paper's own form
@@ -81,7 +82,7 @@ def same_blocks(variant):
     """Whether the variant compresses the blocks the reference variant chose, with the embedding dense
     (else it has its own policy: the default rom, rom-pair and rom-interp-sparse, which plan the embedding with the
     blocks, included)."""
-    planned = ("rom", "rom-pair", "rom-interp-sparse")
+    planned = ("rom", "rom-quality", "rom-pair", "rom-interp-sparse")
     return variant not in planned and not {"last_blocks", "policy"} & set(VARIANTS[variant])
 
 
@@ -111,6 +112,9 @@ def parse_args(argv=None):
                          "automatically (ablations hold N fixed)")
     ap.add_argument("--out", default=str(RESULTS / "runs"))
     ap.add_argument("--force", action="store_true", help="re-run runs whose file exists")
+    ap.add_argument("--keep-folders", metavar="DIR",
+                    help="also save every compressed model as an llmrom folder DIR/<model>_<budget>_<variant> "
+                         "(bench/speed.py measures them; default there: out/bench-speed)")
     args = ap.parse_args(argv)
     unknown = [v for v in args.variants.split(",") if v not in VARIANTS]
     if unknown:
@@ -223,6 +227,9 @@ def run_model(model_name, args, out):
                    "modules": [{k: m.get(k) for k in MODULE_KEYS} for m in report["modules"]],
                    "eval": res, "environment": environment()}
             write_json_atomic(path, row)
+            if args.keep_folders:
+                llmrom.save(model, tok, Path(args.keep_folders) / f"{name}_{budget:g}_{variant}", report,
+                            overwrite=True)
             print(f"{name} budget {budget:g} {variant}: kept {report['totals']['kept_fraction']:.4f}, "
                   f"perplexity {res['perplexity']['model']:.3f}, KL {res['fidelity']['kl_mean']:.4f}, "
                   f"{seconds:.0f} s, peak RSS {rss / 2**30:.2f} GiB", flush=True)

@@ -78,3 +78,16 @@ def tiny_folder(tmp_path_factory):
     tiny_model("llama").save_pretrained(folder)
     trained_tokenizer().save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(autouse=True)
+def no_device_speed_limits(request, monkeypatch):
+    """Plans in tests do not depend on how fast this machine runs the factor forms (--prefer speed
+    measures that): every linear may be factorized, as with --prefer quality. Tests marked
+    `measured_latency` see the real measurement (and keep its cache out of $HOME themselves)."""
+    if request.node.get_closest_marker("measured_latency") is None:
+        monkeypatch.setattr("llmrom.plan.choose.speed_limits", lambda shapes, prefer, *a, **k: {})
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "measured_latency: the plan sees this machine's measured factor latencies")

@@ -87,6 +87,21 @@ def test_benchmark_smoke(tiny_folder, tmp_path, capsys):
     assert "MB (0.90x)" in head  # bytes against dense beside quality; speed where the row measured it
 
 
+def test_headline_takes_speed_from_the_speed_benchmark_and_marks_old_plans(tmp_path):
+    """README's headline: prefill and decode ratios of bench/speed.py beside perplexity and bytes; a row
+    planned before --prefer existed is marked, not passed off as the current default."""
+    def row(budget, config):
+        return {"variant": "rom", "budget": budget, "config": config, "totals": {"kept_fraction": budget},
+                "eval": {"perplexity": {"model": 20.0, "reference": 10.0}, "model": {"bytes": 80e6},
+                         "reference": {"bytes": 100e6}}}
+    (tmp_path / "m_eager.json").write_text(json.dumps({"model": "m", "rows": {"0.8 rom": {
+        "budget": 0.8, "variant": "rom", "speed_vs_dense": {"prefill": 1.234, "decode batch 1": 1.111}}}}))
+    report = bench_module("report")
+    text = report.headline_table({"m": [row(0.8, {"prefer": "speed"}), row(0.7, {})]}, speed_dir=tmp_path)
+    assert "| m | 0.80 | 10.00 | - | 20.00 | - | 80.0 MB (0.80x) | 1.23 | 1.11 |" in text
+    assert "| m † | 0.70 |" in text and "not measured | not measured |" in text and "† planned before" in text
+
+
 def test_benchmark_refuses_evaluating_on_the_calibration_text():
     with pytest.raises(SystemExit):
         bench_module("run").parse_args(["--calib", "pydoc", "--eval", "pydoc"])
@@ -209,18 +224,29 @@ def test_options_table_compares_each_option_with_the_blocks_only_reference():
     assert "rom-sparse" not in rows
 
 
-def test_speed_benchmark_smoke(tiny_folder, tmp_path):
-    """bench/speed.py: every variant compressed and timed against the dense model in one file."""
+def test_speed_benchmark_smoke(tiny_folder, tmp_path, monkeypatch, capsys):
+    """bench/speed.py: every row compressed once into a kept folder, then timed against the dense model
+    (prefill, decode at batch 1 and 8) beside its perplexity and bytes; a second run reuses the folders."""
     import torch
-    bench_module("speed").main(["--model", str(tiny_folder), "--budget", "0.9", "--variants", "rom,rom-sparse",
-                                "--last-blocks", "2", "--nsamples", "8", "--seqlen", "32", "--rounds", "1",
-                                "--results", str(tmp_path)])
+    held = tmp_path / "held.txt"
+    held.write_text("Held-out evaluation text, different from the calibration text. " * 300)
+    speed = bench_module("speed")
+    argv = ["--model", str(tiny_folder), "--budgets", "0.9,0.8", "--variants", "rom,rom-quality", "--nsamples", "8",
+            "--seqlen", "32", "--rounds", "1", "--eval", str(held), "--eval-seqlen", "64", "--eval-windows", "2",
+            "--folders", str(tmp_path / "folders"), "--results", str(tmp_path / "results")]
+    speed.main(argv)
     assert torch.is_grad_enabled()
-    r = json.loads((tmp_path / "speed_llama_0.9.json").read_text())
-    assert set(r["runs"]) == {"dense", "rom", "rom-sparse"} and r["runs"]["dense"]["prefill_vs_dense"] == 1
-    assert r["runs"]["rom"]["parameters"] < r["runs"]["dense"]["parameters"]
-    assert r["runs"]["rom-sparse"]["parameters"] <= r["runs"]["rom"]["parameters"]  # the same budget
-    assert all(x["decode_tokens_per_s"] > 0 for x in r["runs"].values())
+    r = json.loads((tmp_path / "results" / "llama_eager.json").read_text())
+    assert set(r["rows"]) == {"0.9 rom", "0.9 rom-quality", "0.8 rom", "0.8 rom-quality"}
+    for row in r["rows"].values():
+        assert row["parameters"] <= row["budget"] * r["dense"]["parameters"]
+        assert row["bytes_on_disk"] > 0 and row["perplexity"] > 1
+        assert set(row["speed_vs_dense"]) == {"prefill", "decode batch 1", "decode batch 8"}
+        assert all(v > 0 for v in row["speed_vs_dense"].values())
+    monkeypatch.setattr(speed.llmrom, "compress", lambda *a, **k: pytest.fail("compressed again"))
+    speed.main(argv[:5] + ["rom"] + argv[6:])  # resumes from the kept folders
+    table = speed.tables(tmp_path / "results")
+    assert "| 0.9 | rom | " in table and "| 0.8 | rom-quality | " in table and "decode b8" in table
 
 
 def test_target_table_measures_the_default_and_the_best_option_against_half_the_gap():
@@ -289,3 +315,28 @@ def test_zero_shot_table_keeps_only_tasks_the_dense_model_knows(tmp_path):
     assert abs(zs.retained(row("rom", half)["zero_shot"]["tasks"], d) - 0.5) < 1e-9
     text = zs.table(tmp_path)
     assert "| m | 0.8 | rom |" in text and "| 0.50 | 100 |" in text and "| m | 1 | dense |" in text
+
+
+@pytest.mark.measured_latency
+def test_7b_shaped_speed_benchmark_smoke(tmp_path, monkeypatch):
+    """bench/speed_7b.py on a small shape: the twin holds the budget and both models are timed."""
+    monkeypatch.setenv("LLMROM_CACHE", str(tmp_path / "cache"))
+    bench_module("speed_7b").main(["--layers", "2", "--shape", "64,160,4,256", "--budget", "0.8", "--prefer",
+                                   "quality", "--rounds", "1", "--new-tokens", "2", "--results", str(tmp_path)])
+    r = json.loads((tmp_path / "llama7b-shaped_2of32_0.8_quality.json").read_text())
+    assert r["parameters"]["compressed"] <= 0.8 * r["parameters"]["dense"]
+    assert r["plan"]["factorized_linears"] == 14 and r["bytes"]["compressed"] < r["bytes"]["dense"]
+    assert set(r["speed_vs_dense"]) == {"prefill", "decode batch 1", "decode batch 8"}
+
+
+def test_7b_shaped_speed_benchmark_follows_the_speed_limits(tmp_path):
+    """With --prefer speed the twin's plan obeys the measured limits: here only pairs are fast enough, and
+    the budget still holds."""
+    mod = bench_module("speed_7b")
+    mod.speed_limits = lambda shapes, *a, **k: {s.name: (0.9, 0.0) for s in shapes}
+    mod.main(["--layers", "2", "--shape", "64,160,4,256", "--budget", "0.8", "--rounds", "1", "--new-tokens", "2",
+              "--results", str(tmp_path)])
+    r = json.loads((tmp_path / "llama7b-shaped_2of32_0.8_speed.json").read_text())
+    assert r["parameters"]["compressed"] <= 0.8 * r["parameters"]["dense"]
+    assert r["plan"]["interpolative_linears"] == 0 and r["plan"]["factorized_linears"] == 14
+    assert r["plan"]["max_kept_by_shape"]["64x160"] == {"pair": 0.9, "interpolative": 0.0}

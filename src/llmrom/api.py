@@ -1,5 +1,6 @@
 """The public verbs: compress(), save(), load() (re-exported by llmrom)."""
 
+import dataclasses
 import logging
 import time
 
@@ -14,7 +15,8 @@ from .modeling.factorized import FactorizedLinear
 from .export.quantize import quantize
 from .modeling.io import (DTYPES, factorization_meta, load, save as _save_folder,  # noqa: F401  (load is public)
                           save_dtype_for)
-from .plan.choose import check_dense_exportable, choose_plan, linear_shapes  # noqa: F401  (used by the CLI)
+from .plan.choose import (check_dense_exportable, choose_plan, linear_shapes,  # noqa: F401  (used by the CLI)
+                          planned_shapes)
 from .plan.embedding import embedding_shape, factorize_embedding, is_factorized
 
 log = logging.getLogger(__name__)
@@ -30,12 +32,13 @@ def compress(model, tokenizer, config: CompressConfig, progress=True, tokens=Non
         raise LlmromError("this model is already compressed by llmrom; compress the original (dense) model "
                           "with the lower budget instead")
     layout = layout_for(model)
-    shapes = linear_shapes(model, layout, config.centered, config.interpolative)
+    shapes = planned_shapes(model, layout, config, progress)
     before = {"parameters": count_params(model), "macs_per_token": macs_per_token(model)}
     if tokens is None:
         tokens = calib_windows(tokenizer, config.calib, config.nsamples, config.seqlen, config.seed)
     opts = config.loop_options(progress)
     plan, emb_rank, plan_info = choose_plan(model, layout, shapes, before["parameters"], tokens, config, opts)
+    opts = dataclasses.replace(opts, pair_modules=frozenset(plan_info.get("pair_modules", ())))
     if emb_rank is not None:  # first, so that every block is calibrated on the factorized embedding's outputs
         plan_info["embedding"].update(factorize_embedding(model, embedding_shape(model), tokens, emb_rank,
                                                              progress=progress))

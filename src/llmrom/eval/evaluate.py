@@ -38,12 +38,13 @@ def perplexity_protocol(source, seqlen, windows, bos):
 
 
 def evaluate(model, tokenizer, *, reference=None, ppl="python-docs:tutorial", seqlen=512, max_windows=40,
-             fidelity_windows=16, tasks=(), task_options=None, speed=True, speed_rounds=3, disk=None,
-             reference_disk=None, reference_perplexity=None, progress=True, generate=None, new_tokens=40):
+             fidelity_windows=16, tasks=(), task_options=None, speed=True, speed_rounds=3, speed_compiled=False,
+             disk=None, reference_disk=None, reference_perplexity=None, progress=True, generate=None, new_tokens=40):
     """Evaluate `model` (and, side by side, its dense `reference` if given); returns a JSON-able dict.
 
     `reference_perplexity` reuses a perplexity of the reference measured earlier with the same protocol;
-    `generate`: a prompt both models continue greedily for `new_tokens` tokens, so a person sees the text.
+    `generate`: a prompt both models continue greedily for `new_tokens` tokens, so a person sees the text;
+    `speed_compiled`: measure speed under torch.compile instead of eager (llmrom.eval.speed).
     """
     t0 = time.perf_counter()
     models = {"model": model, **({"reference": reference} if reference is not None else {})}
@@ -64,7 +65,7 @@ def evaluate(model, tokenizer, *, reference=None, ppl="python-docs:tutorial", se
                                            "next-token distributions and top-1 agreement, per predicted position"}
         out["perplexity"] = p
     if speed:
-        out["speed"] = measure_speed(models, rounds=speed_rounds)
+        out["speed"] = measure_speed(models, rounds=speed_rounds, compiled=speed_compiled)
     if generate:
         out["generation"] = {"prompt": generate, "new_tokens": new_tokens, "protocol": "greedy, KV cache",
                              **{k: greedy_text(m, tokenizer, generate, new_tokens) for k, m in models.items()}}
@@ -128,8 +129,10 @@ def format_results(res, names=("model", "reference")):
         s = res["speed"]
         row("prefill tokens/s", s["model"]["prefill_tokens_per_s"],
             s.get("reference", {}).get("prefill_tokens_per_s"), "{:.1f}")
-        row("decode tokens/s", s["model"]["decode_tokens_per_s"],
-            s.get("reference", {}).get("decode_tokens_per_s"), "{:.2f}")
+        ref_batches = s.get("reference", {}).get("decode_tokens_per_s_by_batch", {})
+        for b, v in s["model"].get("decode_tokens_per_s_by_batch", {"1": s["model"]["decode_tokens_per_s"]}).items():
+            row(f"decode tokens/s, batch {b}", v, ref_batches.get(b) if ref_batches else
+                s.get("reference", {}).get("decode_tokens_per_s") if b == "1" else None, "{:.2f}")
     if "fidelity" in res:
         f = res["fidelity"]
         lines.append(f"{'KL(reference || model)':<26}{f['kl_mean']:>18.4f}  nats/token over {f['tokens']:,} tokens")

@@ -94,6 +94,7 @@ class LoopOptions:
     sparse_rounds: int = 3  # alternating rounds of factors and sparse part
     sparse_modules: str = "all"  # lean: no sparse part where rom fits from output statistics (CompressConfig)
     interp: bool = False  # store the factors in the interpolative form (llmrom.factor.interp; CompressConfig.factors)
+    pair_modules: frozenset = frozenset()  # with interp: linears stored as pairs, the only fast form at their rank
 
     def __post_init__(self):
         check_correction(self.correct, self.sequential, self.method, self.sparse)
@@ -405,7 +406,7 @@ def _factorize_into(block, prefix, name, method, moments, plan, opts, t0):
     except NonFiniteError as e:
         raise NonFiniteError(f"{full}: {e}") from None
     low, nnz = f.first.shape[0], f.sparse.nnz if f.sparse is not None else 0  # the plain fit may have won
-    interp = side_for(shape.d_in, shape.d_out) if shape.uses_interp(low) else None
+    interp = side_for(shape.d_in, shape.d_out) if shape.uses_interp(low) and full not in opts.pair_modules else None
     new = FactorizedLinear(shape.d_in, shape.d_out, low, f.bias is not None, dtype=w.dtype, device=w.device, nnz=nnz,
                            interp=interp)
     first, second = f.first, f.second

@@ -21,6 +21,7 @@ the journal says the block is done. `--resume` continues from the last finished 
 the same folder as an uninterrupted run. Only the final rename makes the output folder appear.
 """
 
+import dataclasses
 import fcntl
 import hashlib
 import json
@@ -38,7 +39,7 @@ from tqdm.auto import tqdm
 
 from .. import __version__
 from .activations import FILES, DiskStore, MemoryStore, parse_dtype, read_record
-from ..plan.choose import choose_plan, linear_shapes
+from ..plan.choose import choose_plan, planned_shapes
 from .report import build_report
 from ..modeling.arch import layout_for
 from .capture import record_calls
@@ -356,7 +357,7 @@ def compress_streaming(source, out_dir, config, *, resume=False, overwrite=False
     layout = layout_for(skeleton)
     blocks = skeleton.get_submodule(layout.blocks_path)
     n = len(blocks)
-    shapes = linear_shapes(skeleton, layout, config.centered, config.interpolative)
+    shapes = planned_shapes(skeleton, layout, config, progress)
     before = {"parameters": count_params(skeleton), "macs_per_token": macs_per_token(skeleton)}
     if tokenizer is None:
         tokenizer = _tokenizer(folder, needed=tokens is None)
@@ -365,6 +366,7 @@ def compress_streaming(source, out_dir, config, *, resume=False, overwrite=False
         tokens = calib_windows(tokenizer, config.calib, config.nsamples, config.seqlen, config.seed)
     opts = config.loop_options(progress)
     plan, _, plan_info = choose_plan(skeleton, layout, shapes, before["parameters"], tokens, config, opts)
+    opts = dataclasses.replace(opts, pair_modules=frozenset(plan_info.get("pair_modules", ())))
     monitor = monitor or (lambda event, model, resident: None)
 
     part = Partial(out)

@@ -22,6 +22,7 @@ import warnings
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 FORMAT_VERSION = 1  # low-rank factors only
 SPARSE_FORMAT_VERSION = 2  # some modules add a sparse residual ("nnz" in their metadata)
@@ -77,23 +78,42 @@ class FactorizedLinear(nn.Module):
             self.register_buffer("sparse_col", torch.zeros(nnz, dtype=torch.int32, device=device))
             self.register_buffer("sparse_crow", torch.zeros(out_features + 1, dtype=torch.int32, device=device))
 
+    def _plain(self, layer):
+        """The weight and bias of `layer` when it is a plain nn.Linear (its weight may be a quantized tensor
+        subclass: F.linear dispatches it), else None: an adapter wrapped around it must be called."""
+        return (layer.weight, layer.bias) if type(layer) is nn.Linear else None
+
     def forward(self, x):
-        if self.interp == "in":
-            x_k, x_o = x.index_select(-1, self.order[:self.rank]), x.index_select(-1, self.order[self.rank:])
-            if type(self.first) is nn.Linear and type(self.first.weight) is nn.Parameter:  # z = x[K] + D x[O], one
-                # fused product (2-D for addmm); a quantized weight (a tensor subclass) or an adapter takes F.linear
-                z = torch.addmm(x_k.reshape(-1, self.rank), x_o.reshape(-1, x_o.shape[-1]), self.first.weight.T)
-                z = z.reshape(*x.shape[:-1], self.rank)
-            else:
-                z = x_k + self.first(x_o)
-            y = self.second(z)
+        # One functional call per product, no submodule calls: at batch 1 (decoding) a module call costs as
+        # much as a small product, and every factorized linear runs two or three of them.
+        first, second = self._plain(self.first), self._plain(self.second)
+        if first is None or second is None:
+            y = self._forward_modules(x)
+        elif self.interp == "in":  # one gather puts x in [K, O] order; z = x[K] + D x[O] in one addmm
+            xp = x.index_select(-1, self.order).reshape(-1, self.in_features)
+            if type(first[0]) is nn.Parameter:
+                z = torch.addmm(xp[:, :self.rank], xp[:, self.rank:], first[0].T)
+            else:  # a quantized weight: F.linear is the product its subclass implements
+                z = xp[:, :self.rank] + F.linear(xp[:, self.rank:], first[0])
+            y = F.linear(z, *second).reshape(*x.shape[:-1], self.out_features)
         elif self.interp == "out":
-            z = self.first(x)
-            y = torch.cat([z, self.second(z)], -1).index_select(-1, self.order)
+            z = F.linear(x, first[0])
+            y = torch.cat([z, F.linear(z, second[0])], -1).index_select(-1, self.order)
             y = y if self.out_bias is None else y + self.out_bias
         else:
-            y = self.second(self.first(x))
+            y = F.linear(F.linear(x, first[0]), *second)
         return y + self.sparse_forward(x) if self.nnz else y
+
+    def _forward_modules(self, x):
+        """The same map through the factor modules, for factors wrapped by adapters (llmrom heal's LoRA)."""
+        if self.interp == "in":
+            z = x.index_select(-1, self.order[:self.rank]) + self.first(x.index_select(-1, self.order[self.rank:]))
+            return self.second(z)
+        if self.interp == "out":
+            z = self.first(x)
+            y = torch.cat([z, self.second(z)], -1).index_select(-1, self.order)
+            return y if self.out_bias is None else y + self.out_bias
+        return self.second(self.first(x))
 
     def factor_matrices(self):
         """(second, first) as the plain (out x rank) and (rank x in) factors, identity put back."""

@@ -39,11 +39,11 @@ from tqdm.auto import tqdm
 
 from ..modeling.arch import weight_matrix
 from .embedding import GRID as EMBEDDING_GRID, embedding_basis, head_input_moment
-from ..errors import LlmromError, NonFiniteError
+from ..errors import BudgetError, NonFiniteError
 from ..factor.methods import output_eigh
 from ..eval.perplexity import mean_nll
 from ..loop.pipeline import compress_blocks, profile_blocks
-from .ranks import feasible_last_n, kept_params, last_blocks_plan
+from .ranks import feasible_last_n, kept_params, last_blocks_plan, pair_modules
 
 log = logging.getLogger(__name__)
 
@@ -229,7 +229,8 @@ def trial_loss(model, layout, shapes, n_blocks, row, embedding, basis, calib, he
         for i in range(n_blocks - row["last_blocks"], n_blocks):
             blocks[i] = copy.deepcopy(originals[i])
         if plan:
-            compress_blocks(model, layout, calib, plan, dataclasses.replace(opts, progress=False))
+            compress_blocks(model, layout, calib, plan, dataclasses.replace(
+                opts, progress=False, pair_modules=pair_modules(shapes, plan)))
         return mean_nll(model, held)
     except NonFiniteError:
         return math.inf
@@ -256,11 +257,14 @@ def choose_last_n(model, layout, shapes, n_blocks, candidates, tokens, opts, n_p
     t0 = time.perf_counter()
     options = _embedding_options(embedding, total, budget, shapes, n_blocks, candidates, k)
     if not options:
-        raise LlmromError(f"budget {budget:g} cannot be met by the last-N policy, even with the token embedding "
+        raise BudgetError(f"budget {budget:g} cannot be met by the last-N policy, even with the token embedding "
                           "factorized; raise --budget")
     profile, held = _split(tokens, n_profile, n_eval)
     flat = [c for cs in options.values() for c in cs if c[0]]
-    widest = last_blocks_plan(shapes, n_blocks, max(n for n, _ in flat), max(b for _, b in flat)) if flat else {}
+    widest = {}  # the largest rank any candidate asks of each linear (a speed limit drops some at some budgets)
+    for n, b in flat:
+        for name, r in last_blocks_plan(shapes, n_blocks, n, b).items():
+            widest[name] = max(r, widest.get(name, 0))
     proxy = ProjectionProxy(model, layout, widest, profile, held, opts)
     table = _score_last_n(proxy, shapes, n_blocks, options.get(None, []), opts.progress, embedding_rank=None)
     basis = None
@@ -349,7 +353,7 @@ def choose_block_budgets(model, layout, shapes, total, budget, tokens, opts, cen
                                        for b in plans[i]] for i in range(n_blocks)]
     picks = knapsack(options, total - budget * total)
     if picks is None:
-        raise LlmromError(f"budget {budget:g} cannot be met with module budgets {list(grid)} on every block; "
+        raise BudgetError(f"budget {budget:g} cannot be met with module budgets {list(grid)} on every block; "
                           "raise --budget or use --policy last-blocks")
     plan = {name: r for i, b in picks if b < 1 for name, r in plans[i][b].items()}
     chosen = {"per_block": [b for _, b in picks], "proxy_calib_loss": proxy.loss(plan)}

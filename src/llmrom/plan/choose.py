@@ -4,13 +4,19 @@
 embedding budget) become {module: rank}; the in-memory and streaming runs both call it.
 """
 
-from ..errors import LlmromError
+import dataclasses
+import logging
+
+from ..errors import BudgetError, LlmromError
 from ..modeling.arch import is_linear, layout_for, weight_matrix
 from .autoplan import EMBEDDING_GRID, choose_last_n
 from .embedding import check_embedding_budget, embedding_shape
+from .latency import speed_limits
 from .policies import plan_by_policy
 from .ranks import (LinearShape, check_budget, check_last_blocks, feasible_last_n, kept_params, last_blocks_plan,
-                    module_budget_for, read_ranks_file)
+                    module_budget_for, pair_modules, read_ranks_file)
+
+log = logging.getLogger(__name__)
 
 
 def linear_shapes(model, layout, centered, interp=False):
@@ -27,6 +33,19 @@ def linear_shapes(model, layout, centered, interp=False):
     return shapes
 
 
+def planned_shapes(model, layout, cfg, progress=True):
+    """linear_shapes for a run's configuration. With --prefer speed and a plan derived from --budget, each
+    carries the largest kept fraction at which its factorized form is faster than dense on the run's
+    device (llmrom.plan.latency, measured once per machine); explicit ranks (--ranks-file, --module-budget)
+    are the user's and are left as asked."""
+    shapes = linear_shapes(model, layout, cfg.centered, cfg.interpolative)
+    if cfg.budget is None or cfg.budget >= 1 or cfg.ranks_file or cfg.module_budget is not None:
+        return shapes
+    limits = speed_limits(shapes, cfg.prefer, cfg.dtype, cfg.device, progress)
+    return [dataclasses.replace(s, max_kept=limits[s.name][0], interp_max_kept=limits[s.name][1])
+            if s.name in limits else s for s in shapes]
+
+
 def check_dense_exportable(model):
     """Centring adds biases; a dense export of the original architecture can hold them only where
     the block linears already have biases. Checked before compressing, not after."""
@@ -38,7 +57,25 @@ def check_dense_exportable(model):
 
 
 def choose_plan(model, layout, shapes, total, tokens, cfg, opts):
-    """({module: rank}, embedding rank or None, a description of how they were chosen)."""
+    """({module: rank}, embedding rank or None, a description of how they were chosen).
+
+    With speed limits on `shapes` (planned_shapes, --prefer speed) the budget still holds exactly: where
+    factorizations that are faster than dense cannot remove enough (tiny models, whose products are all
+    call overhead), the plan is made without the limits, with a warning, and the report says so."""
+    if all(s.max_kept >= 1 and s.interp_max_kept >= 1 for s in shapes):
+        return _choose_plan(model, layout, shapes, total, tokens, cfg, opts)
+    try:
+        return _choose_plan(model, layout, shapes, total, tokens, cfg, opts)
+    except BudgetError as e:
+        log.warning("--prefer speed: %s with only the factorizations measured faster than dense on this device; "
+                    "planning for quality instead (the result may decode slower than dense)", str(e).split(";")[0])
+        free = [dataclasses.replace(s, max_kept=1.0, interp_max_kept=1.0) for s in shapes]
+        plan, emb_rank, info = _choose_plan(model, layout, free, total, tokens, cfg, opts)
+        info["speed_limits"] = {"prefer": cfg.prefer, "relaxed": True, "why": str(e)}
+        return plan, emb_rank, info
+
+
+def _choose_plan(model, layout, shapes, total, tokens, cfg, opts):
     n_blocks = len(model.get_submodule(layout.blocks_path))
     emb = embedding_shape(model)
     automatic = (cfg.budget is not None and cfg.budget < 1 and cfg.policy == "last-blocks"
@@ -69,7 +106,7 @@ def choose_plan(model, layout, shapes, total, tokens, cfg, opts):
     elif cfg.last_blocks is not None:
         b = module_budget_for(budget, total, shapes, n_blocks, cfg.last_blocks)
         if b is None:
-            raise LlmromError(f"budget {cfg.budget:g} cannot be met by compressing only the last "
+            raise BudgetError(f"budget {cfg.budget:g} cannot be met by compressing only the last "
                               f"{cfg.last_blocks} blocks; compress more blocks or drop --last-blocks")
         plan = last_blocks_plan(shapes, n_blocks, cfg.last_blocks, b)
         info = {"policy": "last-blocks", "last_blocks": cfg.last_blocks, "module_budget": b}
@@ -81,6 +118,15 @@ def choose_plan(model, layout, shapes, total, tokens, cfg, opts):
         emb_rank = emb_rank if rank is None else rank
         plan = last_blocks_plan(shapes, n_blocks, last_n, b) if last_n else {}
         info = {"policy": "last-blocks (automatic)", "last_blocks": last_n, "module_budget": b, "auto": auto}
+    limited = {f"{s.d_in}x{s.d_out}": {"pair": round(s.max_kept, 4), **({"interpolative": round(
+        s.interp_max_kept, 4)} if s.interp else {})} for s in shapes if min(s.max_kept, s.interp_max_kept) < 1}
+    if limited:
+        info["speed_limits"] = {"prefer": cfg.prefer, "max_kept_by_shape": limited,
+                                "note": "a linear is factorized only below this fraction of its dense parameters, "
+                                        "where its factors were measured faster than the dense layer at batch 1"}
+    pairs = pair_modules(shapes, plan)
+    if pairs:  # the loop must store these as pairs (LoopOptions.pair_modules)
+        info["pair_modules"] = sorted(pairs)
     if emb_rank is not None:  # emb is set: an asked-for rank needs it, and so does the automatic choice
         info["embedding"] = {**emb.spec(emb_rank), "kept": emb.factor_params(emb_rank) / emb.dense_params}
     kept = kept_params(total, shapes, plan) - (emb.removed(emb_rank) if emb_rank is not None else 0)

@@ -25,7 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..modeling.arch import weight_matrix
-from ..errors import LlmromError
+from ..errors import BudgetError, LlmromError
 from ..factor.methods import output_eigh
 from .ranks import kept_params
 
@@ -48,7 +48,7 @@ def threshold_plan(scores, shapes, total, budget):
     positive = torch.cat([v[v > 0] for v in sorted_scores.values()])
     lo, hi = math.log(float(positive.min())) - 1, math.log(float(positive.max())) + 1  # lo keeps all, hi keeps rank 1
     if kept_params(total, shapes, plan_at(math.exp(hi))) > target:
-        raise LlmromError(f"budget {budget:g} cannot be reached even with every block linear at rank 1; "
+        raise BudgetError(f"budget {budget:g} cannot be reached even with every block linear at rank 1; "
                           "raise --budget")
     for _ in range(60):
         mid = (lo + hi) / 2

@@ -18,7 +18,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import LlmromError
+from ..errors import BudgetError, LlmromError
 
 
 @dataclass(frozen=True)
@@ -30,6 +30,10 @@ class LinearShape:
     added_bias: int = 0  # d_out when centring must add a bias the dense layer lacks
     sparse: float = 0.0  # fraction of the module's budget given to a sparse residual
     interp: bool = False  # factors stored in the interpolative form (llmrom.factor.interp)
+    # speed limits (llmrom.plan.latency, --prefer speed): factorize only below this fraction of the dense
+    # parameters, where the form was measured faster than the dense layer; 1 is no limit
+    max_kept: float = 1.0  # the factor pair
+    interp_max_kept: float = 1.0  # the interpolative form; above it, an interp shape falls back to a pair
 
     @classmethod
     def of(cls, name, block, weight, has_bias, centered, sparse=0.0, interp=False):
@@ -46,9 +50,13 @@ class LinearShape:
         return min(self.d_in, self.d_out)
 
     def uses_interp(self, rank):
-        """Whether rank-`rank` factors are stored in the interpolative form: asked for, and cheaper
-        there (it saves rank^2 numbers and stores `interp_indices`)."""
-        return self.interp and rank < self.interp_indices and rank * rank > self.interp_indices
+        """Whether rank-`rank` factors are stored in the interpolative form: asked for, cheaper there (it
+        saves rank^2 numbers and stores `interp_indices`) and, under a speed limit, still faster than dense
+        (else the pair, with one call fewer, may be)."""
+        if not (self.interp and rank < self.interp_indices and rank * rank > self.interp_indices):
+            return False
+        stored = rank * (self.d_in + self.d_out - rank) + self.interp_indices
+        return self.interp_max_kept >= 1 or stored < self.interp_max_kept * self.dense_params
 
     def factor_params(self, rank):
         """Stored numbers of rank-`rank` factors: r (d_in + d_out) as a pair, or in the interpolative
@@ -80,21 +88,33 @@ class LinearShape:
     def paper_rank(self, module_budget):
         """Largest rank whose factors keep at most `module_budget` of the matrix's parameters (the bias
         centring adds aside): the paper's floor(b d_in d_out / (d_in + d_out)) for a pair, the smaller
-        root of r (d_in + d_out - r) + min(d_in, d_out) = b d_in d_out in the interpolative form."""
+        root of r (d_in + d_out - r) + min(d_in, d_out) = b d_in d_out in the interpolative form (capped
+        by its speed limit, above which the pair's rank is the answer)."""
         target = module_budget * self.d_in * self.d_out
         pair = max(1, math.floor(target / (self.d_in + self.d_out)))
         if not self.interp:
             return pair
         s, side = self.d_in + self.d_out, self.interp_indices
-        r = math.floor((s - math.sqrt(max(s * s - 4 * (target - side), 0.0))) / 2)
+        cap = target if self.interp_max_kept >= 1 else min(target, self.interp_max_kept * self.dense_params)
+        r = math.floor((s - math.sqrt(max(s * s - 4 * (cap - side), 0.0))) / 2)
         r = max(pair, min(r, side - 1))
-        while r > pair and self.factor_params(r) - self.added_bias > target:  # float rounding of the root
+        while r > pair and self.factor_params(r) - self.added_bias > target:  # float rounding; a pair above the cap
             r -= 1
         return r
 
     def worthwhile(self, rank):
-        """A factorization is stored only if it is strictly smaller than the dense matrix."""
-        return 0 < rank and self.factor_params(rank) < self.dense_params
+        """A factorization is stored only if it is strictly smaller than the dense matrix and, under a
+        speed limit, below the size at which its form stops being faster than the dense layer."""
+        limit = self.interp_max_kept if self.uses_interp(rank) else self.max_kept
+        return 0 < rank and self.factor_params(rank) < limit * self.dense_params
+
+
+def pair_modules(shapes, plan):
+    """Planned linears of an interpolative run stored as factor pairs because only the pair is fast enough
+    at their rank (speed limits); the loop must store them so (LoopOptions.pair_modules)."""
+    return frozenset(s.name for s in shapes if s.interp and s.interp_max_kept < 1 and s.name in plan
+                     and not s.uses_interp(plan[s.name])
+                     and LinearShape(s.name, s.block, s.d_in, s.d_out, interp=True).uses_interp(plan[s.name]))
 
 
 def kept_params(total, shapes, plan):
@@ -105,12 +125,14 @@ def kept_params(total, shapes, plan):
 
 
 def last_blocks_plan(shapes, n_blocks, last_n, module_budget):
-    """The paper's policy: the last `last_n` blocks, every linear at module budget b."""
+    """The paper's policy: the last `last_n` blocks, every linear at module budget b; a linear whose
+    factors at that budget would not be worthwhile (not smaller, or not faster) stays dense."""
     check_last_blocks(last_n, n_blocks)
     if not 0 < module_budget < 1:
         raise LlmromError(f"--module-budget must be in (0, 1), got {module_budget}")
     first = n_blocks - last_n
-    return {s.name: s.paper_rank(module_budget) for s in shapes if s.block >= first}
+    ranks = ((s, s.paper_rank(module_budget)) for s in shapes if s.block >= first)
+    return {s.name: r for s, r in ranks if s.worthwhile(r)}
 
 
 def check_last_blocks(last_n, n_blocks):
@@ -130,7 +152,7 @@ def check_budget(budget, total, shapes, embedding_cut=0, embedding_note=""):
         raise LlmromError(f"--budget must be in (0, 1] (fraction of parameters kept), got {budget}")
     floor = smallest_reachable(total, shapes) - embedding_cut / total
     if budget < floor:
-        raise LlmromError(
+        raise BudgetError(
             f"budget {budget:g} cannot be reached: even with every block linear at rank 1{embedding_note} the "
             f"model keeps {floor:.4f} of its parameters (embeddings, norms, head); the smallest reachable is "
             f"--budget {math.ceil(floor * 1000) / 1000:g}"
