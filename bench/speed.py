@@ -134,22 +134,34 @@ def _plan_summary(report):
             "speed_limits": plan.get("speed_limits")}
 
 
+def _result_files(results):
+    """This script's results files (the 7B-shaped benchmark writes its own beside them)."""
+    return sorted(p for mode in ("eager", "compiled") for p in results.glob(f"*_{mode}.json"))
+
+
+def _plan_text(plan):
+    blocks = f"{plan['last_blocks']} x {plan['module_budget']:.2f}" if plan.get("last_blocks") else "no blocks"
+    return f"{blocks}, {'embedding r' + str(plan['embedding_rank']) if plan.get('embedding_rank') else 'embedding dense'}"
+
+
 def tables(results):
     """Markdown: one table per results file, a row per (budget, variant)."""
     out = []
-    for path in sorted(results.glob("*.json")):
+    for path in _result_files(results):
         d = json.loads(path.read_text())
         env = d.get("environment", {})
         out.append(f"**{d['model']}**, {d['mode']} ({env.get('cpu')}, {env.get('threads')} threads, torch "
                    f"{env.get('torch')}, transformers {env.get('transformers')}); dense perplexity "
                    f"{d['dense']['perplexity']:.2f}, {d['dense']['parameters'] / 1e6:.1f}M parameters; speed as "
                    "compressed / dense, measured side by side\n")
-        out.append("| budget | variant | linears factorized | perplexity | MB on disk (dtype) | prefill | decode b1 | "
+        out.append("| budget | variant | plan: last N blocks x module budget, embedding rank | linears factorized | "
+                   "perplexity | MB on disk (dtype) | prefill | decode b1 | "
                    "decode b8 |")
-        out.append("|---|---|---:|---:|---:|---:|---:|---:|")
+        out.append("|---|---|---|---:|---:|---:|---:|---:|---:|")
         for r in sorted(d["rows"].values(), key=lambda r: (-r["budget"], r["variant"])):
             s = r["speed_vs_dense"]
-            out.append(f"| {r['budget']:g} | {r['variant']} | {r['plan']['factorized_linears']} | "
+            out.append(f"| {r['budget']:g} | {r['variant']} | {_plan_text(r['plan'])} | "
+                       f"{r['plan']['factorized_linears']} | "
                        f"{r['perplexity']:.2f} | {r['bytes_on_disk'] / 1e6:.0f} ({r['saved_dtype']}) | "
                        f"{s['prefill']:.2f}x | "
                        f"{s.get('decode batch 1', float('nan')):.2f}x | {s.get('decode batch 8', float('nan')):.2f}x |")
@@ -163,7 +175,7 @@ def plot(results):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    files = sorted(results.glob("*.json"))
+    files = _result_files(results)
     fig, axes = plt.subplots(1, max(1, len(files)), figsize=(5 * max(1, len(files)), 4), squeeze=False)
     for ax, path in zip(axes[0], files):
         d = json.loads(path.read_text())

@@ -340,3 +340,4 @@ def test_7b_shaped_speed_benchmark_follows_the_speed_limits(tmp_path):
     assert r["parameters"]["compressed"] <= 0.8 * r["parameters"]["dense"]
     assert r["plan"]["interpolative_linears"] == 0 and r["plan"]["factorized_linears"] == 14
     assert r["plan"]["max_kept_by_shape"]["64x160"] == {"pair": 0.9, "interpolative": 0.0}
+    assert bench_module("speed").tables(tmp_path) == ""  # bench/speed.py --table reads only its own files
