@@ -27,6 +27,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))  # bench/ablate.py, also when this file is loaded by path (tests)
 import run  # noqa: E402
+from llmrom.eval.speed import speed_ratios  # noqa: E402
 BEGIN, END = "<!-- results:begin (bench/report.py writes this) -->", "<!-- results:end -->"
 HEADLINE_BEGIN, HEADLINE_END = "<!-- headline:begin (bench/report.py writes this) -->", "<!-- headline:end -->"
 PEER = "svd-llm"  # the peers' best recipe: SVD-LLM's whitened SVD
@@ -54,10 +55,7 @@ def headline_table(by_model, budgets=(0.9, 0.8, 0.7), speed_dir=None):
             size_text = f"{size[0] / 1e6:,.1f} MB ({size[0] / size[1]:.2f}x)" if all(size) else "-"
             ratios = speed_rows.get((model, b, "rom"))
             if ratios is None and e.get("speed"):
-                ratios = {"prefill": e["speed"]["model"]["prefill_tokens_per_s"]
-                          / e["speed"]["reference"]["prefill_tokens_per_s"],
-                          "decode batch 1": e["speed"]["model"]["decode_tokens_per_s"]
-                          / e["speed"]["reference"]["decode_tokens_per_s"]}
+                ratios = speed_ratios(e["speed"])
             px, dx = (f"{ratios[k]:.2f}" if ratios else "not measured" for k in ("prefill", "decode batch 1"))
             mark = "" if "prefer" in ours.get("config", {}) else " †"
             old_plan |= bool(mark)

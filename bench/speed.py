@@ -18,7 +18,6 @@ with each other; run it alone on the machine. Writes bench/results/speed/<model>
 
 import argparse
 import json
-import math
 import os
 import sys
 from pathlib import Path
@@ -33,7 +32,7 @@ from llmrom.config import CompressConfig  # noqa: E402
 from llmrom.data.textdata import calib_windows, eval_windows, load_text  # noqa: E402
 from llmrom.eval.cost import count_params, disk_bytes, parameter_bytes  # noqa: E402
 from llmrom.eval.evaluate import environment  # noqa: E402
-from llmrom.eval.perplexity import mean_nll  # noqa: E402
+from llmrom.eval.perplexity import perplexity  # noqa: E402
 from llmrom.eval.speed import measure_speed, speed_ratios  # noqa: E402
 from llmrom.modeling.io import is_llmrom_folder, load_model, write_json_atomic  # noqa: E402
 
@@ -78,10 +77,6 @@ def folder_for(args, budget, variant):
                                     progress=sys.stderr.isatty())
     llmrom.save(model, tok, folder, report, overwrite=True)
     return folder
-
-
-def perplexity(model, windows):
-    return math.exp(mean_nll(model, windows))
 
 
 @torch.no_grad()

@@ -15,7 +15,6 @@ Writes bench/results/speed/llama7b-shaped_<layers>of32_<budget>.json.
 """
 
 import argparse
-import dataclasses
 import os
 import sys
 from pathlib import Path
@@ -26,6 +25,7 @@ import transformers
 sys.path.insert(0, str(Path(__file__).parent))
 import run  # noqa: E402
 
+from llmrom.config import CompressConfig  # noqa: E402
 from llmrom.eval.cost import count_params, parameter_bytes  # noqa: E402
 from llmrom.eval.evaluate import environment  # noqa: E402
 from llmrom.eval.speed import measure_speed, speed_ratios  # noqa: E402
@@ -33,8 +33,7 @@ from llmrom.factor.interp import side_for  # noqa: E402
 from llmrom.modeling.arch import layout_for  # noqa: E402
 from llmrom.modeling.factorized import FactorizedLinear, replace_module  # noqa: E402
 from llmrom.modeling.io import write_json_atomic  # noqa: E402
-from llmrom.plan.choose import linear_shapes  # noqa: E402
-from llmrom.plan.latency import speed_limits  # noqa: E402
+from llmrom.plan.choose import planned_shapes  # noqa: E402
 from llmrom.plan.ranks import last_blocks_plan, module_budget_for  # noqa: E402
 
 
@@ -49,10 +48,8 @@ def llama7b_shaped(layers, hidden=4096, intermediate=11008, heads=32, vocab=3200
 def factorized_twin(model, budget, prefer):
     """The model with every planned block linear replaced by random factors of its planned rank (in place)."""
     layout = layout_for(model)
-    shapes = linear_shapes(model, layout, centered=True, interp=True)
-    limits = speed_limits(shapes, prefer, "bfloat16", "cpu")
-    shapes = [dataclasses.replace(s, max_kept=limits[s.name][0], interp_max_kept=limits[s.name][1])
-              if s.name in limits else s for s in shapes]
+    shapes = planned_shapes(model, layout, CompressConfig(budget=budget, prefer=prefer, dtype="bfloat16"),
+                            progress=True)
     n = len(model.get_submodule(layout.blocks_path))
     total = count_params(model)
     b = module_budget_for(budget, total, shapes, n, n)

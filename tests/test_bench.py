@@ -329,13 +329,13 @@ def test_7b_shaped_speed_benchmark_smoke(tmp_path, monkeypatch):
     assert set(r["speed_vs_dense"]) == {"prefill", "decode batch 1", "decode batch 8"}
 
 
-def test_7b_shaped_speed_benchmark_follows_the_speed_limits(tmp_path):
+def test_7b_shaped_speed_benchmark_follows_the_speed_limits(tmp_path, monkeypatch):
     """With --prefer speed the twin's plan obeys the measured limits: here only pairs are fast enough, and
     the budget still holds."""
-    mod = bench_module("speed_7b")
-    mod.speed_limits = lambda shapes, *a, **k: {s.name: (0.9, 0.0) for s in shapes}
-    mod.main(["--layers", "2", "--shape", "64,160,4,256", "--budget", "0.8", "--rounds", "1", "--new-tokens", "2",
-              "--results", str(tmp_path)])
+    monkeypatch.setattr("llmrom.plan.choose.speed_limits",
+                        lambda shapes, *a, **k: {s.name: (0.9, 0.0) for s in shapes})
+    bench_module("speed_7b").main(["--layers", "2", "--shape", "64,160,4,256", "--budget", "0.8", "--rounds", "1",
+                                   "--new-tokens", "2", "--results", str(tmp_path)])
     r = json.loads((tmp_path / "llama7b-shaped_2of32_0.8_speed.json").read_text())
     assert r["parameters"]["compressed"] <= 0.8 * r["parameters"]["dense"]
     assert r["plan"]["interpolative_linears"] == 0 and r["plan"]["factorized_linears"] == 14

@@ -62,11 +62,11 @@ def choose_plan(model, layout, shapes, total, tokens, cfg, opts):
     With speed limits on `shapes` (planned_shapes, --prefer speed) the budget still holds exactly: where
     factorizations that are faster than dense cannot remove enough (tiny models, whose products are all
     call overhead), the plan is made without the limits, with a warning, and the report says so."""
-    if all(s.max_kept >= 1 and s.interp_max_kept >= 1 for s in shapes):
-        return _choose_plan(model, layout, shapes, total, tokens, cfg, opts)
     try:
         return _choose_plan(model, layout, shapes, total, tokens, cfg, opts)
     except BudgetError as e:
+        if all(s.max_kept >= 1 and s.interp_max_kept >= 1 for s in shapes):
+            raise  # no speed limits to relax: the budget is out of reach
         log.warning("--prefer speed: %s with only the factorizations measured faster than dense on this device; "
                     "planning for quality instead (the result may decode slower than dense)", str(e).split(";")[0])
         free = [dataclasses.replace(s, max_kept=1.0, interp_max_kept=1.0) for s in shapes]

@@ -13,6 +13,7 @@ spends at most P: factors of rank floor((1 - s) r) plus a CSR sparse residual fi
 the calibration data better (llmrom.sparse.low_rank_plus_sparse).
 """
 
+import dataclasses
 import json
 import math
 from dataclasses import dataclass
@@ -114,7 +115,7 @@ def pair_modules(shapes, plan):
     at their rank (speed limits); the loop must store them so (LoopOptions.pair_modules)."""
     return frozenset(s.name for s in shapes if s.interp and s.interp_max_kept < 1 and s.name in plan
                      and not s.uses_interp(plan[s.name])
-                     and LinearShape(s.name, s.block, s.d_in, s.d_out, interp=True).uses_interp(plan[s.name]))
+                     and dataclasses.replace(s, interp_max_kept=1.0).uses_interp(plan[s.name]))
 
 
 def kept_params(total, shapes, plan):
