@@ -102,7 +102,7 @@ def test_speed_plan_that_cannot_meet_the_budget_plans_for_quality_and_says_so(mo
         model, report, total = _compress(monkeypatch, lambda s: 0.0, budget=0.7, embedding_budget=1.0)
     assert count_params(model) <= 0.7 * total  # the budget holds
     assert report["plan"]["speed_limits"]["relaxed"] is True
-    assert "planning for quality instead" in caplog.text
+    assert "planned for quality instead" in caplog.text
 
 
 def test_quality_preference_and_explicit_ranks_are_not_limited(monkeypatch):

@@ -67,10 +67,10 @@ def choose_plan(model, layout, shapes, total, tokens, cfg, opts):
     except BudgetError as e:
         if all(s.max_kept >= 1 and s.interp_max_kept >= 1 for s in shapes):
             raise  # no speed limits to relax: the budget is out of reach
-        log.warning("--prefer speed: %s with only the factorizations measured faster than dense on this device; "
-                    "planning for quality instead (the result may decode slower than dense)", str(e).split(";")[0])
         free = [dataclasses.replace(s, max_kept=1.0, interp_max_kept=1.0) for s in shapes]
-        plan, emb_rank, info = _choose_plan(model, layout, free, total, tokens, cfg, opts)
+        plan, emb_rank, info = _choose_plan(model, layout, free, total, tokens, cfg, opts)  # out of reach: raises
+        log.warning("--prefer speed: %s with only the factorizations measured faster than dense on this device; "
+                    "planned for quality instead (the result may decode slower than dense)", str(e).split(";")[0])
         info["speed_limits"] = {"prefer": cfg.prefer, "relaxed": True, "why": str(e)}
         return plan, emb_rank, info
 
