@@ -77,6 +77,7 @@ def build_parser():
 
     _add_eval_parser(sub, PACKAGED_MODELS)
     _add_heal_parser(sub)
+    _add_export_parser(sub, PACKAGED_MODELS)
 
     i = sub.add_parser("info", help="show the ranks and savings of a compressed folder")
     i.add_argument("folder", help="a folder written by `llmrom compress`")
@@ -88,7 +89,8 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(levelname)s %(name)s: %(message)s")
     try:
-        return {"compress": cmd_compress, "info": cmd_info, "eval": cmd_eval, "heal": cmd_heal}[args.command](args)
+        return {"compress": cmd_compress, "info": cmd_info, "eval": cmd_eval, "heal": cmd_heal,
+                "export": cmd_export}[args.command](args)
     except LlmromError as e:
         print(f"llmrom: error: {e}", file=sys.stderr)
         return 2
@@ -424,3 +426,52 @@ def _compress_streaming(args, cfg, out):
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def _add_export_parser(sub, packaged):
+    x = sub.add_parser("export", help="export a model (compressed or dense) to another engine: ONNX Runtime",
+                       description="Export to ONNX (one graph for prefill and decoding with KV cache, at the "
+                                   "compressed size), checked in ONNX Runtime against the PyTorch model.",
+                       epilog="Measured bytes, quality and speed of each form: docs/quantization.md.",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    x.add_argument("format", choices=["onnx"], help="the engine's format")
+    x.add_argument("model", help="an llmrom folder, a Hugging Face folder, a .gguf file, or a packaged model: "
+                                 + ", ".join(sorted(packaged)))
+    x.add_argument("--out", required=True, help="output folder (written atomically; must not exist)")
+    x.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    x.add_argument("--gguf-file", help="GGUF file name inside the MODEL folder")
+    x.add_argument("--quantize", default="none", help="none, int4 or int8: weight-only quantization of every "
+                   "matrix product and the token-embedding lookup by ONNX Runtime's quantizer (MatMulNBits)")
+    x.add_argument("--quant-algorithm", default="rtn", help="rtn (round to nearest, symmetric) or hqq "
+                   "(int4 only; the lookup table gets rtn)")
+    x.add_argument("--block-size", type=int, default=32, help="weights per quantization scale (a power of two, "
+                                                              ">= 16)")
+
+
+@_without_grad
+def cmd_export(args):
+    from .export.onnx import export_onnx, require_onnx
+    from .export.onnxquant import check_quantize
+    from .modeling.io import check_output, load_model
+
+    check_quantize(args.quantize, args.quant_algorithm, args.block_size)
+    require_onnx()
+    out = Path(args.out)
+    check_output(out, args.overwrite)
+    log.info("loading %s", args.model)
+    model, tokenizer = load_model(args.model, args.gguf_file, "float32")
+    manifest = export_onnx(model, tokenizer, out, overwrite=args.overwrite, source=args.model,
+                           quantize=args.quantize, algorithm=args.quant_algorithm, block_size=args.block_size,
+                           progress=lambda line: log.info("%s", line))
+    c = manifest["check"]
+    print(f"ONNX Runtime vs PyTorch on a {c['prompt_tokens']}-token prompt: largest logit difference "
+          f"{c['max_abs_logit_diff']:.1e} (tolerance {c['tolerance']:.0e}), {c['greedy_same']} of "
+          f"{c['greedy_tokens']} greedy tokens the same")
+    if "quantized_check" in manifest:
+        q = manifest["quantized_check"]
+        print(f"after {args.quantize} ({args.quant_algorithm}): KL {q['kl_per_token']:.3f} nats/token, "
+              f"{q['greedy_same']} of {q['greedy_tokens']} greedy tokens the same as PyTorch's float model")
+    print(f"saved to {out} ({manifest['bytes']:,} bytes of graph and weights); run it with "
+          "llmrom.export.onnx.OnnxLM or transformers.exporters.ExportedModel")
+    return 0
+
