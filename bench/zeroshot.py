@@ -30,29 +30,9 @@ from llmrom.config import CompressConfig  # noqa: E402
 from llmrom.data.tasks import PAPER_SIX  # noqa: E402
 from llmrom.eval.cost import count_params  # noqa: E402
 from llmrom.eval.evaluate import environment  # noqa: E402
-from llmrom.eval.zeroshot import run_tasks  # noqa: E402
+from llmrom.eval.zeroshot import CHANCE, METRIC, above_chance, retained, run_tasks  # noqa: E402,F401
 from llmrom.modeling.arch import layout_for  # noqa: E402
 from llmrom.modeling.io import load_model, write_json_atomic  # noqa: E402
-
-METRIC = {"boolq": "acc", "piqa": "acc_norm", "hellaswag": "acc_norm", "winogrande": "acc", "arc_easy": "acc",
-          "arc_challenge": "acc_norm"}
-CHANCE = {"boolq": 0.5, "piqa": 0.5, "hellaswag": 0.25, "winogrande": 0.5, "arc_easy": 0.25,
-          "arc_challenge": 0.25}  # ARC has 3-5 choices, mostly 4
-
-
-def above_chance(dense):
-    """The tasks on which the dense model scores above chance by more than two standard errors: only
-    there does (acc - chance) / (dense acc - chance) measure what compression kept."""
-    return [t for t in PAPER_SIX
-            if dense[t][METRIC[t]] - CHANCE[t] > 2 * (dense[t][METRIC[t] + "_stderr"] or 0)]
-
-
-def retained(scores, dense):
-    """Mean over the above-chance tasks of (acc - chance) / (dense acc - chance), each task's metric."""
-    tasks = above_chance(dense)
-    parts = [(scores[t][METRIC[t]] - CHANCE[t]) / (dense[t][METRIC[t]] - CHANCE[t]) for t in tasks]
-    return sum(parts) / len(parts)
-
 
 def table(out):
     """Markdown: per (model, budget, variant) each task's metric, the average and the retained share."""

@@ -167,3 +167,27 @@ def test_cli_eval_runs_local_tasks(tiny_folder, task_file, tmp_path, capsys):
     r = res["zero_shot"]["tasks"][TASK]
     assert r["samples"] == 8 and 0 <= r["acc"] <= 1 and "perplexity" not in res
     assert f"{TASK} acc / acc_norm" in out and "zero-shot: lm-eval" in out
+
+
+def test_retained_is_the_share_of_above_chance_accuracy_kept():
+    from llmrom.eval.zeroshot import CHANCE, retained
+
+    def scores(accs):
+        return {t: {"acc": a, "acc_norm": a, "acc_stderr": 0.02, "acc_norm_stderr": 0.02} for t, a in accs.items()}
+    dense = scores({"boolq": 0.45, "piqa": 0.70, "arc_easy": 0.65, "winogrande": 0.52})
+    half = scores({t: CHANCE[t] + (a["acc"] - CHANCE[t]) / 2 for t, a in dense.items()})
+    assert retained(half, dense) == pytest.approx(0.5)  # over piqa and arc_easy only: boolq below chance,
+    assert retained(dense, dense) == pytest.approx(1.0)  # winogrande within two standard errors of it
+    assert retained(half, scores({"boolq": 0.45})) is None  # nothing the reference knows was measured
+
+
+def test_cli_eval_scores_the_reference_too(tiny_folder, task_file, tmp_path, capsys):
+    from llmrom import cli
+    code = cli.main(["eval", str(tiny_folder), "--reference", str(tiny_folder), "--ppl", "none", "--no-speed",
+                     "--tasks", str(task_file), "--task-limit", "8", "--json", str(tmp_path / "r.json")])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    z = json.loads((tmp_path / "r.json").read_text())["zero_shot"]
+    assert z["reference_tasks"][TASK]["acc"] == z["tasks"][TASK]["acc"]  # the same model, scored twice
+    assert z["retained_above_chance"] is None  # not one of the paper's tasks: no chance level to measure from
+    assert "zero-shot kept" in out and out.count(f"{z['tasks'][TASK]['acc']:.3f} / ") >= 2

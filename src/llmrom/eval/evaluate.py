@@ -69,9 +69,14 @@ def evaluate(model, tokenizer, *, reference=None, ppl="python-docs:tutorial", se
     if generate:
         out["generation"] = {"prompt": generate, "new_tokens": new_tokens, "protocol": "greedy, KV cache",
                              **{k: greedy_text(m, tokenizer, generate, new_tokens) for k, m in models.items()}}
-    if tasks:
-        from .zeroshot import run_tasks
-        out["zero_shot"] = run_tasks(model, tokenizer, list(tasks), progress=progress, **(task_options or {}))
+    if tasks:  # with a reference, its scores too and the share of its above-chance accuracy kept
+        from .zeroshot import retained, run_tasks
+        z = run_tasks(model, tokenizer, list(tasks), progress=progress, **(task_options or {}))
+        if reference is not None:
+            z["reference_tasks"] = run_tasks(reference, tokenizer, list(tasks), progress=progress,
+                                             **(task_options or {}))["tasks"]
+            z["retained_above_chance"] = retained(z["tasks"], z["reference_tasks"])
+        out["zero_shot"] = z
     out["environment"] = environment()
     out["seconds"] = time.perf_counter() - t0
     return out
@@ -103,6 +108,10 @@ def cpu_model():
             return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), None)
     except OSError:
         return platform.processor() or None
+
+
+def _acc(r):
+    return f"{r['acc']:.3f} / " + ("-" if r.get("acc_norm") is None else f"{r['acc_norm']:.3f}")
 
 
 def format_results(res, names=("model", "reference")):
@@ -137,9 +146,16 @@ def format_results(res, names=("model", "reference")):
         f = res["fidelity"]
         lines.append(f"{'KL(reference || model)':<26}{f['kl_mean']:>18.4f}  nats/token over {f['tokens']:,} tokens")
         lines.append(f"{'top-1 agreement':<26}{f['top1_agreement']:>18.4f}")
-    for task, r in res.get("zero_shot", {}).get("tasks", {}).items():
-        norm = "-" if r.get("acc_norm") is None else f"{r['acc_norm']:.4f}"
-        lines.append(f"{task + ' acc / acc_norm':<26}{r['acc']:>18.4f} / {norm}  (n={r.get('samples')})")
+    z = res.get("zero_shot", {})
+    for task, r in z.get("tasks", {}).items():
+        line = f"{task + ' acc / acc_norm':<26}{_acc(r):>18}"
+        if task in z.get("reference_tasks", {}):
+            line += f"{_acc(z['reference_tasks'][task]):>18}"
+        lines.append(f"{line}  (n={r.get('samples')})")
+    if "retained_above_chance" in z:
+        kept = z["retained_above_chance"]
+        lines.append(f"{'zero-shot kept':<26}{'-' if kept is None else f'{kept:.3f}':>18}  of the reference's "
+                     "accuracy above chance (paper tasks where it beats chance by 2 stderr)")
     if "generation" in res:
         g = res["generation"]
         lines.append(f"greedy continuation of {g['prompt']!r} ({g['new_tokens']} tokens):")

@@ -43,6 +43,28 @@ from ..errors import LlmromError
 
 PAPER_TASKS = ("boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge")
 ALIASES = {"paper": PAPER_TASKS}
+# the metric per task as in LLM-Pruner's table, and the accuracy of guessing (ARC has 3-5 choices, mostly 4)
+METRIC = {"boolq": "acc", "piqa": "acc_norm", "hellaswag": "acc_norm", "winogrande": "acc", "arc_easy": "acc",
+          "arc_challenge": "acc_norm"}
+CHANCE = {"boolq": 0.5, "piqa": 0.5, "hellaswag": 0.25, "winogrande": 0.5, "arc_easy": 0.25,
+          "arc_challenge": 0.25}
+
+
+def above_chance(dense):
+    """The paper's tasks among `dense` ({task: metrics}) on which the dense model scores above chance by
+    more than two standard errors: only there does (acc - chance) / (dense acc - chance) measure what
+    compression kept."""
+    return [t for t in PAPER_TASKS if t in dense
+            and dense[t][METRIC[t]] - CHANCE[t] > 2 * (dense[t].get(METRIC[t] + "_stderr") or 0)]
+
+
+def retained(scores, dense):
+    """Mean over the above-chance tasks of (acc - chance) / (dense acc - chance), each task's metric;
+    None when no task qualifies (nothing the dense model knows was measured)."""
+    tasks = [t for t in above_chance(dense) if t in scores]
+    if not tasks:
+        return None
+    return sum((scores[t][METRIC[t]] - CHANCE[t]) / (dense[t][METRIC[t]] - CHANCE[t]) for t in tasks) / len(tasks)
 
 
 def run_tasks(model, tokenizer, tasks, *, task_paths=(), batch_size=8, max_length=2048, limit=None,
