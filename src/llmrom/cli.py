@@ -424,10 +424,6 @@ def _compress_streaming(args, cfg, out):
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
-
-
 def _add_export_parser(sub, packaged):
     x = sub.add_parser("export", help="export a model (compressed or dense) to another engine: ONNX Runtime",
                        description="Export to ONNX (one graph for prefill and decoding with KV cache, at the "
@@ -475,3 +471,6 @@ def cmd_export(args):
           "llmrom.export.onnx.OnnxLM or transformers.exporters.ExportedModel")
     return 0
 
+
+if __name__ == "__main__":
+    sys.exit(main())
