@@ -59,9 +59,9 @@ def export_onnx(model, tokenizer, out, overwrite=False, source=None, quantize="n
                 block_size=32, progress=print):
     """Export `model` (moved to float32 on the CPU, in place) to the folder `out`, written atomically. The
     float graph is checked in ONNX Runtime against the model itself (logits within LOGIT_TOLERANCE, the
-    same greedy tokens) or nothing is written; `quantize` (int4, int8) then quantizes its weights with ONNX Runtime's
-    quantizer (llmrom.export.onnxquant), and the quantized graph's agreement with the model is measured
-    and recorded, not required. Returns the manifest, also written as MANIFEST."""
+    same greedy tokens) or nothing is written; `quantize` (int4, int8) then quantizes its weights with
+    ONNX Runtime's quantizer (llmrom.export.onnxquant), and the quantized graph's agreement with the
+    model is measured and recorded, not required. Returns the manifest, also written as MANIFEST."""
     from .onnxquant import check_quantize, quantize_export
     check_quantize(quantize, algorithm, block_size)
     require_onnx()
