@@ -437,7 +437,8 @@ def _add_export_parser(sub, packaged):
     x.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     x.add_argument("--gguf-file", help="GGUF file name inside the MODEL folder")
     x.add_argument("--quantize", default="none", help="none, int4 or int8: weight-only quantization of every "
-                   "matrix product and the token-embedding lookup by ONNX Runtime's quantizer (MatMulNBits)")
+                   "matrix product (at 4 bits the token-embedding lookup too) by ONNX Runtime's quantizer "
+                   "(MatMulNBits)")
     x.add_argument("--quant-algorithm", default="rtn", help="rtn (round to nearest, symmetric) or hqq "
                    "(int4 only; the lookup table gets rtn)")
     x.add_argument("--block-size", type=int, default=32, help="weights per quantization scale (a power of two, "
