@@ -19,7 +19,7 @@ from .. import __version__
 from .cost import count_params, macs_per_token, parameter_bytes
 from .fidelity import fidelity
 from .perplexity import mean_nll
-from .speed import measure_speed
+from .speed import decode_by_batch, measure_speed
 from ..data.textdata import adds_bos, eval_windows, load_text, tokens_sha256
 
 MACS_SEQLEN = 128  # the paper reports MACs per token at sequence length 128
@@ -138,10 +138,9 @@ def format_results(res, names=("model", "reference")):
         s = res["speed"]
         row("prefill tokens/s", s["model"]["prefill_tokens_per_s"],
             s.get("reference", {}).get("prefill_tokens_per_s"), "{:.1f}")
-        ref_batches = s.get("reference", {}).get("decode_tokens_per_s_by_batch", {})
-        for b, v in s["model"].get("decode_tokens_per_s_by_batch", {"1": s["model"]["decode_tokens_per_s"]}).items():
-            row(f"decode tokens/s, batch {b}", v, ref_batches.get(b) if ref_batches else
-                s.get("reference", {}).get("decode_tokens_per_s") if b == "1" else None, "{:.2f}")
+        ref_batches = decode_by_batch(s["reference"]) if "reference" in s else {}
+        for b, v in decode_by_batch(s["model"]).items():
+            row(f"decode tokens/s, batch {b}", v, ref_batches.get(b), "{:.2f}")
     if "fidelity" in res:
         f = res["fidelity"]
         lines.append(f"{'KL(reference || model)':<26}{f['kl_mean']:>18.4f}  nats/token over {f['tokens']:,} tokens")

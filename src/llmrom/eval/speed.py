@@ -104,12 +104,18 @@ def _measure(models, prefill_tokens=512, prompt_tokens=32, new_tokens=32, rounds
     return out
 
 
+def decode_by_batch(figures):
+    """{batch: decode tokens/s} of one model's figures; results written before decoding was measured at
+    several batches hold batch 1 only."""
+    return figures.get("decode_tokens_per_s_by_batch", {"1": figures["decode_tokens_per_s"]})
+
+
 def speed_ratios(speed, model="model", reference="reference"):
     """{figure: model / reference} for every speed figure both have (prefill, decode at each batch)."""
     a, b = speed[model], speed[reference]
     out = {"prefill": a["prefill_tokens_per_s"] / b["prefill_tokens_per_s"]}
-    for k, v in a.get("decode_tokens_per_s_by_batch", {"1": a["decode_tokens_per_s"]}).items():
-        ref = b.get("decode_tokens_per_s_by_batch", {"1": b["decode_tokens_per_s"]}).get(k)
+    for k, v in decode_by_batch(a).items():
+        ref = decode_by_batch(b).get(k)
         if ref:
             out[f"decode batch {k}"] = v / ref
     return out

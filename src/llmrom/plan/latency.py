@@ -17,7 +17,6 @@ forward-pass version (``$LLMROM_CACHE/latency.json``), so a model is measured on
 
 import json
 import math
-import platform
 import time
 from dataclasses import dataclass
 
@@ -25,6 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import LlmromError
+from ..eval.evaluate import cpu_model
 from ..factor.interp import side_for
 from ..modeling.factorized import FactorizedLinear
 from ..modeling.io import write_json_atomic
@@ -59,17 +59,8 @@ class FormLatency:
 
 def _device_key(device, dtype):
     dev = torch.device(device)
-    where = torch.cuda.get_device_name(dev) if dev.type == "cuda" else _cpu_name()
+    where = torch.cuda.get_device_name(dev) if dev.type == "cuda" else cpu_model()
     return "|".join(map(str, (dev.type, where, torch.get_num_threads(), dtype, torch.__version__, FORWARD_VERSION)))
-
-
-def _cpu_name():
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")),
-                        platform.processor())
-    except OSError:
-        return platform.processor()
 
 
 def _sync(device):
