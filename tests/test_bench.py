@@ -314,7 +314,56 @@ def test_zero_shot_table_keeps_only_tasks_the_dense_model_knows(tmp_path):
     assert zs.above_chance(d) == ["piqa", "hellaswag", "arc_easy", "arc_challenge"]  # boolq below, wino within noise
     assert abs(zs.retained(row("rom", half)["zero_shot"]["tasks"], d) - 0.5) < 1e-9
     text = zs.table(tmp_path)
-    assert "| m | 0.8 | rom |" in text and "| 0.50 | 100 |" in text and "| m | 1 | dense |" in text
+    assert "| m | 0.8 | rom |" in text and "| 0.50 | - | 100 |" in text and "| m | 1 | dense |" in text
+    (tmp_path / "m_0.8_rom_100.json").write_text(json.dumps({**row("rom", half, 0.8), "kept_fraction": 0.79}))
+    assert zs.plot(tmp_path) == [tmp_path / "m_100.png"] and (tmp_path / "m_100.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma3"])
+def test_structured_pruning_removes_exactly_the_heads_and_channels_it_names(family):
+    """bench/structured_pruning.py: the pruned model computes what the dense one computes with the removed
+    query heads' o_proj columns and the removed channels' down_proj columns zeroed (GQA kept), within budget."""
+    import copy
+
+    import torch
+
+    from conftest import calib_tokens, tiny_model
+    from llmrom.eval.cost import count_params
+
+    sp = bench_module("structured_pruning")
+    model = tiny_model(family)
+    masked = copy.deepcopy(model)
+    grads = sp.taylor_gradients(model, calib_tokens(8, 16), batch_size=4, progress=False)
+    before = count_params(model)
+    record = sp.prune(model, 0.7, grads)
+    assert 0.65 < record["kept_fraction"] <= 0.7 and count_params(model) == record["parameters_after"] < before
+    head_dim = model.config.head_dim if family == "gemma3" else 16
+    with torch.no_grad():
+        for b in record["blocks"]:
+            block = masked.model.layers[b["block"]]
+            assert len(b["query_heads"]) == 2 and len(b["channels"]) > 0  # one query head per k/v group
+            for h in b["query_heads"]:
+                block.self_attn.o_proj.weight[:, h * head_dim:(h + 1) * head_dim] = 0
+            block.mlp.down_proj.weight[:, b["channels"]] = 0
+        ids = calib_tokens(2, 24, seed=1)
+        assert torch.allclose(model(ids).logits, masked(ids).logits, atol=1e-5)
+        assert not any(p.requires_grad for p in model.parameters())  # left frozen for scoring
+    assert set(sp.pruned_linears(model, record)) == {f"model.layers.{i}.{n}" for i in range(2) for n in (
+        "self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")}
+
+
+def test_structured_pruning_refuses_what_it_cannot_prune():
+    from conftest import calib_tokens, tiny_model
+    from llmrom.errors import LlmromError
+
+    sp = bench_module("structured_pruning")
+    with pytest.raises(LlmromError, match="LLaMA-like blocks"):
+        sp.taylor_gradients(tiny_model("gpt2"), calib_tokens(2, 8), progress=False)
+    model = tiny_model("llama")
+    grads = sp.taylor_gradients(model, calib_tokens(2, 8), progress=False)
+    with pytest.raises(LlmromError, match="budget cannot be reached"):
+        sp.prune(model, 0.05, grads)
+    assert sp.window(32) == (4, 30) and sp.window(30) == (4, 28)  # LLM-Pruner's LLaMA-7B window, scaled
 
 
 @pytest.mark.measured_latency
