@@ -39,22 +39,11 @@ import transformers
 from llmrom.plan.choose import linear_shapes
 from llmrom.modeling.arch import layout_for
 from llmrom.config import CompressConfig
-from llmrom.eval.cost import count_params, peak_rss_bytes
+from llmrom.eval.cost import count_params, gemm_flops_per_second, peak_rss_bytes
 from llmrom.modeling.io import write_json_atomic
 from llmrom.plan.ranks import module_budget_for
+from llmrom.loop.report import time_split
 from llmrom.loop.stream import Partial, build_skeleton, compress_streaming, discard
-
-
-def matmul_peak(n=4096, reps=5, device="cpu"):
-    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
-    a @ b
-    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
-    sync()
-    t = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    sync()
-    return 2 * n**3 * reps / (time.perf_counter() - t) / 1e9
 
 
 def current_rss():
@@ -84,7 +73,7 @@ def main(argv=None):
     ap.add_argument("--results", default=str(Path(__file__).parent / "results"))
     args = ap.parse_args(argv)
 
-    peak = matmul_peak(device=args.device)
+    peak = gemm_flops_per_second(args.device, m=4096, k=4096, n=4096) / 1e9  # GFLOP/s
     gpu = torch.device(args.device).type == "cuda"
     skeleton = build_skeleton(Path(args.model), torch.float32)
     layout = layout_for(skeleton)
@@ -135,9 +124,7 @@ def main(argv=None):
                                     max_blocks=args.max_blocks)
     wall = report["totals"]["wall_seconds"] if report else time.perf_counter() - t0  # the journal sums sessions
     journal = json.loads((Partial(out).path / "journal.json").read_text()) if report is None else None
-    split = report["streaming"]["seconds"] if report else dict(journal["timings"])
-    if report is None:
-        split["forward"] = split.get("forward", 0) - split.get("covariance", 0)
+    split = report["seconds"]["loop"] if report else time_split(journal["timings"])
     flops = state["gflop"] * 1e9 + counter.get_total_flops() if counter is not None else None
     compute = split.get("forward", 0) + split.get("covariance", 0) + split.get("factorize", 0)
     block_seconds = [b["seconds"] for b in state["blocks"]]

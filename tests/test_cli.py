@@ -36,6 +36,12 @@ def test_compress_info_and_reload(tiny_folder, tmp_path, capsys):
     report = json.loads((out / "llmrom_report.json").read_text())
     assert report["totals"]["kept_fraction"] <= 0.9
     assert report["evaluation"]["perplexity_after"] > 0
+    sec, floor = report["seconds"], report["floor"]  # where the time went, and the loop's arithmetic floor
+    assert {"speed_limits", "plan", "embedding", "loop"} <= set(sec) and sec["loop"]["total"] > 0
+    assert {"forward", "covariance", "factorize"} <= set(sec["loop"])
+    parts = sec["speed_limits"] + sec["plan"] + sec["embedding"] + sec["loop"]["total"]
+    assert parts <= report["totals"]["wall_seconds"] + 1e-3
+    assert floor["wall_over_floor"] > 1 and "arithmetic floor" in stdout and "plan " in stdout
     model, tok = llmrom.load(out)
     assert tok is not None and count_params(model) == report["totals"]["parameters_after"]
     code, stdout, _ = run(capsys, "info", out)

@@ -7,9 +7,9 @@ import time
 from .config import CompressConfig
 from .data.textdata import calib_windows
 from .errors import LlmromError
-from .eval.cost import count_params, macs_per_token, peak_rss_bytes
+from .eval.cost import count_params, gemm_flops_per_second, macs_per_token, peak_rss_bytes
 from .loop.pipeline import compress_blocks
-from .loop.report import build_report
+from .loop.report import build_report, loop_floor, time_split
 from .modeling.arch import layout_for
 from .modeling.factorized import FactorizedLinear
 from .export.quantize import quantize
@@ -33,19 +33,30 @@ def compress(model, tokenizer, config: CompressConfig, progress=True, tokens=Non
                           "with the lower budget instead")
     layout = layout_for(model)
     shapes = planned_shapes(model, layout, config, progress)
+    seconds = {"speed_limits": round(time.perf_counter() - t0, 3)}
     before = {"parameters": count_params(model), "macs_per_token": macs_per_token(model)}
     if tokens is None:
         tokens = calib_windows(tokenizer, config.calib, config.nsamples, config.seqlen, config.seed)
     opts = config.loop_options(progress)
+    t = time.perf_counter()
     plan, emb_rank, plan_info = choose_plan(model, layout, shapes, before["parameters"], tokens, config, opts)
+    seconds["plan"] = round(time.perf_counter() - t, 3)
     opts = dataclasses.replace(opts, pair_modules=frozenset(plan_info.get("pair_modules", ())))
+    t = time.perf_counter()
     if emb_rank is not None:  # first, so that every block is calibrated on the factorized embedding's outputs
         plan_info["embedding"].update(factorize_embedding(model, embedding_shape(model), tokens, emb_rank,
                                                              progress=progress))
-    records = compress_blocks(model, layout, tokens, plan, opts)
+    seconds["embedding"] = round(time.perf_counter() - t, 3)
+    timings, t = {}, time.perf_counter()
+    records = compress_blocks(model, layout, tokens, plan, opts, timings)
+    seconds["loop"] = {"total": round(time.perf_counter() - t, 3), **time_split(timings)}
+    if "auto" in plan_info:
+        seconds["plan_split"] = plan_info["auto"]["seconds_split"]
     after = {"parameters": count_params(model), "macs_per_token": macs_per_token(model)}
+    rate = gemm_flops_per_second(opts.device)
+    floor = loop_floor(shapes, records, layout.groups, tokens.numel(), rate, opts.outputs_streamable)
     report = build_report(config, plan_info, tokens, before, after, records, time.perf_counter() - t0,
-                          peak_rss_bytes())
+                          peak_rss_bytes(), seconds, floor)
     if getattr(model, "llmrom_source", None):  # set by load_model: where the model came from, its stored dtype
         report["source"] = dict(model.llmrom_source)
     for r in records:

@@ -144,7 +144,8 @@ def cmd_compress(args):
     if ppl:
         print(f"perplexity on {args.eval} ({len(windows)} x {args.eval_seqlen} tokens): "
               f"{ppl['before']:.3f} -> {ppl['after']:.3f}")
-    print(f"wall time {t['wall_seconds']:.0f} s, peak RSS {t['peak_rss_bytes'] / 2**30:.2f} GiB")
+    from .loop.report import time_line
+    print(time_line(report))
     print(f"saved to {out} ({'dense export' if args.export == 'dense' else 'factorized'})")
     return 0
 
@@ -418,8 +419,8 @@ def _compress_streaming(args, cfg, out):
     print(f"parameters: {t['parameters_before']:,} -> {t['parameters_after']:,} "
           f"(kept {t['kept_fraction']:.4f}, budget {cfg.budget})")
     print(f"plan: {_plan_line(report['plan'])}")
-    print(f"wall time {t['wall_seconds']:.0f} s, peak RSS {t['peak_rss_bytes'] / 2**30:.2f} GiB; seconds by step: "
-          + ", ".join(f"{k} {v:.0f}" for k, v in report["streaming"]["seconds"].items()))
+    from .loop.report import time_line
+    print(time_line(report))
     print(f"saved to {out} (factorized, streamed)")
     return 0
 

@@ -95,3 +95,32 @@ def disk_bytes(path):
     from pathlib import Path
     files = list(Path(path).expanduser().glob("*.safetensors")) if Path(path).expanduser().is_dir() else []
     return sum(p.stat().st_size for p in files) if files else None
+
+
+_GEMM_RATE = {}  # (device, dtype, shape) -> FLOP/s, measured once per process
+
+
+def gemm_flops_per_second(device="cpu", dtype=None, m=4096, k=1024, n=1024, rounds=5):
+    """This device's measured matrix-product rate (FLOP/s): the median of `rounds` (m x k) @ (k x n) products
+    after one warm-up, the shape of the loop's chunked GEMMs. Cached for the process."""
+    import statistics
+    import time
+
+    import torch
+
+    dtype = dtype or torch.float32
+    key = (str(device), str(dtype), m, k, n)
+    if key not in _GEMM_RATE:
+        a = torch.randn(m, k, dtype=dtype, device=device)
+        b = torch.randn(k, n, dtype=dtype, device=device)
+        sync = torch.cuda.synchronize if str(device).startswith("cuda") else (lambda: None)
+        times = []
+        for r in range(rounds + 1):
+            sync()
+            t0 = time.perf_counter()
+            a @ b
+            sync()
+            if r:
+                times.append(time.perf_counter() - t0)
+        _GEMM_RATE[key] = 2 * m * k * n / statistics.median(times)
+    return _GEMM_RATE[key]

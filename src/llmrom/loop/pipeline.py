@@ -99,6 +99,11 @@ class LoopOptions:
     def __post_init__(self):
         check_correction(self.correct, self.sequential, self.method, self.sparse)
 
+    @property
+    def outputs_streamable(self):
+        """Whether a single linear with fewer outputs than inputs may be fitted from its output moments."""
+        return self.output_stats and self.sequential and self.method == "rom"
+
 
 def compress_blocks(model, layout, tokens, plan, opts, timings=None):
     """Compress in place the linears named in `plan` ({name: rank}); returns ModuleRecords."""
@@ -277,7 +282,7 @@ def uses_output_stats(block, group, opts):
     d_out < d_in (its output statistics are then the smaller ones); not when --sparse (all modules)
     needs its input statistics."""
     sparse_here = opts.sparse and opts.sparse_modules == "all"
-    if not (opts.output_stats and opts.sequential and opts.method == "rom" and len(group) == 1 and not sparse_here):
+    if not (opts.outputs_streamable and len(group) == 1 and not sparse_here):
         return False
     d_out, d_in = weight_matrix(block.get_submodule(group[0])).shape
     return d_out < d_in

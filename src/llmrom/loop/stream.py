@@ -40,10 +40,10 @@ from tqdm.auto import tqdm
 from .. import __version__
 from .activations import FILES, DiskStore, MemoryStore, parse_dtype, read_record
 from ..plan.choose import choose_plan, planned_shapes
-from .report import build_report
+from .report import build_report, loop_floor, time_split
 from ..modeling.arch import layout_for
 from .capture import record_calls
-from ..eval.cost import count_params, macs_per_token, peak_rss_bytes, return_free_memory
+from ..eval.cost import count_params, gemm_flops_per_second, macs_per_token, peak_rss_bytes, return_free_memory
 from ..errors import LlmromError
 from ..modeling.factorized import FORMAT_VERSION, apply_factorization
 from .ggufcheckpoint import GgufCheckpoint
@@ -365,7 +365,9 @@ def compress_streaming(source, out_dir, config, *, resume=False, overwrite=False
         from ..data.textdata import calib_windows
         tokens = calib_windows(tokenizer, config.calib, config.nsamples, config.seqlen, config.seed)
     opts = config.loop_options(progress)
+    t = time.perf_counter()
     plan, _, plan_info = choose_plan(skeleton, layout, shapes, before["parameters"], tokens, config, opts)
+    plan_seconds = round(time.perf_counter() - t, 3)
     opts = dataclasses.replace(opts, pair_modules=frozenset(plan_info.get("pair_modules", ())))
     monitor = monitor or (lambda event, model, resident: None)
 
@@ -398,8 +400,10 @@ def compress_streaming(source, out_dir, config, *, resume=False, overwrite=False
         if stop < n:
             _session_end(part, timings, t0)
             return None
+        rate = gemm_flops_per_second(opts.device)
+        floor = loop_floor(shapes, records, groups, tokens.numel(), rate, opts.outputs_streamable)
         report = _finish(skeleton, tokenizer, folder, out, part, ckpt, ties, layout, n, config, plan_info, tokens,
-                         before, records, timings, t0, save)
+                         before, records, timings, t0, save, {"plan": plan_seconds, "floor": floor})
     finally:
         part.close()
     return report
@@ -481,7 +485,7 @@ def _outside_entries(skeleton, layout, ckpt, ties):
 
 
 def _finish(skeleton, tokenizer, folder, out, part, ckpt, ties, layout, n, config, plan_info, tokens, before,
-            records, timings, t0, save_dtype):
+            records, timings, t0, save_dtype, extra):
     """Write the shard of the tensors outside the blocks, the index and the rest; rename into place."""
     t = time.perf_counter()
     name = shard_name(1, n + 1)
@@ -495,25 +499,19 @@ def _finish(skeleton, tokenizer, folder, out, part, ckpt, ties, layout, n, confi
     skeleton.tie_weights()  # releasing the embeddings untied them from the head; count tied weights once
     after = {"parameters": count_params(skeleton), "macs_per_token": macs_per_token(skeleton)}
     report = build_report(config, plan_info, tokens, before, after, records, part.journal["wall_seconds"],
-                          part.journal["peak_rss_bytes"])
+                          part.journal["peak_rss_bytes"], {"plan": extra["plan"], "loop": time_split(timings)},
+                          extra["floor"])
     for r in records:
         if r.rank is None:
             log.warning("%s", f"{r.name}: {r.note}")
     report["saved_dtype"] = save_dtype
     report["streaming"] = {"source": str(folder), "activations": config.activations,
-                           "sessions": part.journal["sessions"], "seconds": _time_split(timings)}
+                           "sessions": part.journal["sessions"]}
     for f in (*FILES, JOURNAL_NAME, "lock"):
         (part.path / f).unlink(missing_ok=True)
     meta = factorization_meta(skeleton, config.method, config.centered)
     finish_folder(part.path, out, skeleton, tokenizer, meta, report, dtype=save_dtype)
     return report
-
-
-def _time_split(timings):
-    """Seconds per kind of work; `forward` excludes the covariance updates made inside it."""
-    split = {k: round(v, 3) for k, v in timings.items()}
-    split["forward"] = round(timings.get("forward", 0.0) - timings.get("covariance", 0.0), 3)
-    return split
 
 
 def discard(out):

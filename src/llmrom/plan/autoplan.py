@@ -266,6 +266,7 @@ def choose_last_n(model, layout, shapes, n_blocks, candidates, tokens, opts, n_p
         for name, r in last_blocks_plan(shapes, n_blocks, n, b).items():
             widest[name] = max(r, widest.get(name, 0))
     proxy = ProjectionProxy(model, layout, widest, profile, held, opts)
+    t_profiled = time.perf_counter()
     table = _score_last_n(proxy, shapes, n_blocks, options.get(None, []), opts.progress, embedding_rank=None)
     basis = None
     if any(r is not None for r in options):
@@ -282,6 +283,7 @@ def choose_last_n(model, layout, shapes, n_blocks, candidates, tokens, opts, n_p
         finally:
             w.data = dense  # the proxy is discarded: its cached inputs need no refresh
     finalists = _finalists(table)
+    t_scored = time.perf_counter()
     if len(finalists) > 1 and trial_windows:
         calib = _trial_windows(tokens, n_profile, n_eval, trial_windows)
         for row in tqdm(finalists, desc="trial compressions", disable=not opts.progress, leave=False):
@@ -295,7 +297,9 @@ def choose_last_n(model, layout, shapes, n_blocks, candidates, tokens, opts, n_p
         criterion = "calibration loss of the non-sequential ROM projection"
     info = {"criterion": criterion, "profile_windows": len(profile), "scored_windows": len(held),
             "candidates": table, "from_cached_block_inputs": proxy.inputs is not None,
-            "seconds": time.perf_counter() - t0}
+            "seconds": time.perf_counter() - t0,
+            "seconds_split": {"profile": round(t_profiled - t0, 3), "candidates": round(t_scored - t_profiled, 3),
+                              "trials": round(time.perf_counter() - t_scored, 3)}}
     log.info("auto last-N choice: %s", best)
     return (best["embedding_rank"], best["last_blocks"], best["module_budget"]), info
 
