@@ -390,3 +390,10 @@ def test_7b_shaped_speed_benchmark_follows_the_speed_limits(tmp_path, monkeypatc
     assert r["plan"]["interpolative_linears"] == 0 and r["plan"]["factorized_linears"] == 14
     assert r["plan"]["max_kept_by_shape"]["64x160"] == {"pair": 0.9, "interpolative": 0.0}
     assert bench_module("speed").tables(tmp_path) == ""  # bench/speed.py --table reads only its own files
+
+
+def test_compress_time_benchmark_writes_the_split_and_the_floor(tiny_folder, tmp_path):
+    bench_module("compress_time").main(["--model", str(tiny_folder), "--budget", "0.8", "--results", str(tmp_path)])
+    r = json.loads((tmp_path / f"{tiny_folder.name}_0.8.json").read_text())
+    assert r["kept_fraction"] <= 0.8 and r["floor"]["flop"] > 0 and r["floor"]["wall_over_floor"] > 1
+    assert {"plan", "loop"} <= set(r["seconds"]) and r["peak_rss_bytes"] >= r["load_peak_rss_bytes"] > 0
