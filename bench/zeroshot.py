@@ -10,7 +10,9 @@ benchmark's (bench/run.py: pydoc calibration, 128 windows x 128 tokens, seed 0).
 follows LLM-Pruner's table: acc for BoolQ, WinoGrande and ARC-easy, acc_norm for PIQA, HellaSwag and
 ARC-challenge. Retained = mean of (acc - chance) / (dense acc - chance) over the tasks where the dense
 model is above chance by more than two standard errors (the others measure nothing kept). The dense
-row is scored once and reused. `--table` prints the Markdown table of the results files and plots, per model, the accuracy retained
+row is scored once and reused. Variants prune / prune-heal / rom-heal are the paper's structured-pruning
+baseline at the same parameter count and both methods after the same recovery fine-tune (BASELINES).
+`--table` prints the Markdown table of the results files and plots, per model, the accuracy retained
 against the kept parameters (one line per variant).
 """
 
@@ -57,9 +59,9 @@ def table(out):
         for budget, variant, s, kept, ppl in rows:
             cells = [f"{s[t][METRIC[t]]:.3f} ± {s[t][METRIC[t] + '_stderr']:.3f}" for t in PAPER_SIX]
             avg = sum(s[t][METRIC[t]] for t in PAPER_SIX) / len(PAPER_SIX)
+            kept, ppl = ("-" if x is None else f"{x:.2f}" for x in (kept, ppl))
             lines.append(f"| {dense['model']} | {budget} | {variant} | " + " | ".join(cells)
-                         + f" | {avg:.3f} | {'-' if kept is None else f'{kept:.2f}'} | {'-' if ppl is None else f'{ppl:.2f}'}"
-                         f" | {dense['docs']} |")
+                         + f" | {avg:.3f} | {kept} | {ppl} | {dense['docs']} |")
         lines.append(f"| {dense['model']} | | | retained is averaged over: {', '.join(above_chance(d))} "
                      "(dense above chance by more than two standard errors) |" + " |" * (len(PAPER_SIX) + 3))
     return "\n".join(lines)
