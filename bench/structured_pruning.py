@@ -23,6 +23,7 @@ import math
 
 import torch
 import torch_pruning as tp
+from tqdm.auto import tqdm
 
 from llmrom.errors import LlmromError
 from llmrom.eval.cost import count_params
@@ -49,7 +50,6 @@ def _blocks(model):
 
 def taylor_gradients(model, windows, batch_size=8, progress=True):
     """Sum over `windows` of dLoss/dW for the window's linears (name -> tensor); the model is left frozen."""
-    from tqdm.auto import tqdm
     blocks = _blocks(model)
     start, end = window(len(blocks))
     linears = {f"{i}.{n}": blocks[i].get_submodule(n) for i in range(start, end) for n in NAMES}
@@ -85,19 +85,14 @@ def _owned(block, grads, prefix, heads, head_dim):
 def _shares(block, heads, kv_heads, head_dim, remove):
     """(query heads removed per key/value group, MLP channels removed) in one block so that at least
     `remove` parameters go, heads and channels cut by about the same share as LLM-Pruner does."""
-    def params(name):
-        m = block.get_submodule(name)
-        return m.weight.shape, (m.bias is not None)
-    (_, d), q_bias = params("self_attn.q_proj")
-    per_head = head_dim * d * 2 + (head_dim if q_bias else 0)  # q rows (+ bias) and o columns
-    inter = block.get_submodule("mlp.gate_proj").out_features
-    per_channel = 3 * d + sum(block.get_submodule(n).bias is not None for n in ("mlp.gate_proj", "mlp.up_proj"))
+    q, gate, up = block.self_attn.q_proj, block.mlp.gate_proj, block.mlp.up_proj
+    per_head = head_dim * q.in_features * 2 + (head_dim if q.bias is not None else 0)  # q rows (+ bias), o columns
+    per_channel = 3 * q.in_features + (gate.bias is not None) + (up.bias is not None)
     group = heads // kv_heads
-    total = heads * per_head + inter * per_channel
-    share = remove / total
-    per_group = min(group - 1, round(share * group))
+    total = heads * per_head + gate.out_features * per_channel
+    per_group = min(group - 1, round(remove / total * group))
     channels = math.ceil(max(0, remove - per_group * kv_heads * per_head) / per_channel)
-    if channels >= inter:
+    if channels >= gate.out_features:
         raise LlmromError(f"the budget cannot be reached by pruning the window's heads and channels "
                           f"({remove} parameters per block asked, {total} there)")
     return per_group, channels
@@ -114,13 +109,13 @@ def prune(model, budget, grads):
     per_block = math.ceil(remove / (end - start))
     record = {"method": "structured pruning (LLM-Pruner block-wise, first-order Taylor)",
               "window": [start, end], "parameters_before": before, "blocks": []}
+    group = heads // kv_heads
+    head_dims = {i: blocks[i].self_attn.q_proj.out_features // heads for i in range(start, end)}
+    # every block's share first: an unreachable budget is refused before any block is cut
+    shares = {i: _shares(blocks[i], heads, kv_heads, head_dims[i], per_block) for i in range(start, end)}
     for i in range(start, end):
-        block = blocks[i]
-        attn = block.self_attn
-        head_dim = attn.q_proj.out_features // heads
-        per_group, channels = _shares(block, heads, kv_heads, head_dim, per_block)
+        block, attn, head_dim, (per_group, channels) = blocks[i], blocks[i].self_attn, head_dims[i], shares[i]
         per_head, per_channel = _owned(block, grads, i, heads, head_dim)
-        group = heads // kv_heads
         drop_heads = [g * group + int(h) for g in range(kv_heads)
                       for h in torch.argsort(per_head.view(kv_heads, group)[g])[:per_group]]
         rows = [h * head_dim + j for h in sorted(drop_heads) for j in range(head_dim)]

@@ -353,6 +353,8 @@ def test_structured_pruning_removes_exactly_the_heads_and_channels_it_names(fami
 
 
 def test_structured_pruning_refuses_what_it_cannot_prune():
+    import torch
+
     from conftest import calib_tokens, tiny_model
     from llmrom.errors import LlmromError
 
@@ -361,8 +363,10 @@ def test_structured_pruning_refuses_what_it_cannot_prune():
         sp.taylor_gradients(tiny_model("gpt2"), calib_tokens(2, 8), progress=False)
     model = tiny_model("llama")
     grads = sp.taylor_gradients(model, calib_tokens(2, 8), progress=False)
+    before = [p.clone() for p in model.parameters()]
     with pytest.raises(LlmromError, match="budget cannot be reached"):
         sp.prune(model, 0.05, grads)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # refused before any cut
     assert sp.window(32) == (4, 30) and sp.window(30) == (4, 28)  # LLM-Pruner's LLaMA-7B window, scaled
 
 
