@@ -92,7 +92,9 @@ def main(argv=None):
         return {"compress": cmd_compress, "info": cmd_info, "eval": cmd_eval, "heal": cmd_heal,
                 "export": cmd_export}[args.command](args)
     except LlmromError as e:
-        print(f"llmrom: error: {e}", file=sys.stderr)
+        from .loop import distributed
+        if distributed.rank() == 0:  # under torchrun every rank stops with the same line: print it once
+            print(f"llmrom: error: {e}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # e.g. `llmrom info DIR | head`
         sys.stdout = open(os.devnull, "w")
@@ -109,18 +111,25 @@ def cmd_compress(args):
     from .eval.perplexity import perplexity
     from .data.textdata import eval_windows, load_text
 
+    from .loop import distributed
     cfg = CompressConfig(**{name: getattr(args, name) for name, _, _ in config_fields()})
     out = Path(args.out)
     check_output(out, args.overwrite)
+    if distributed.launched() and (args.stream or args.resume):
+        raise LlmromError("--stream runs in one process (each block is read and written once); start it without "
+                          "torchrun, or drop --stream to share the calibration windows across processes")
     if args.stream or args.resume:
         return _compress_streaming(args, cfg, out)
+    lead = not distributed.setup(cfg.device) or distributed.rank() == 0  # evaluates, writes and prints
+    if not lead:
+        logging.getLogger("llmrom").setLevel(logging.WARNING)
     eval_text = load_text(args.eval) if args.eval else None
     if eval_text is not None and args.eval == cfg.calib:
         raise LlmromError("--eval must be held-out text, different from --calib")
     log.info("loading %s", args.model)
     model, tokenizer = load_model(args.model, args.gguf_file, cfg.dtype)
     ppl = {}
-    if eval_text is not None:
+    if eval_text is not None and lead:
         windows = eval_windows(tokenizer, eval_text, args.eval_seqlen, args.eval_windows)
         ppl["before"] = perplexity(model, windows, progress=True)
         log.info("perplexity before: %.3f", ppl["before"])
@@ -129,7 +138,10 @@ def cmd_compress(args):
                           "dense export with another tool)")
     if args.export == "dense" and cfg.centered:
         api.check_dense_exportable(model)
-    model, report = api.compress(model, tokenizer, cfg)
+    model, report = api.compress(model, tokenizer, cfg, progress=lead)
+    if not lead:
+        distributed.barrier()  # until rank 0 has written the folder
+        return 0
     report["source"] = {**report.get("source", {}), "model": args.model, "gguf_file": args.gguf_file}
     if eval_text is not None:
         ppl["after"] = perplexity(model, windows, progress=True)
@@ -137,6 +149,7 @@ def cmd_compress(args):
                                 "protocol": "non-overlapping windows, exp(mean next-token cross-entropy)",
                                 "perplexity_before": ppl["before"], "perplexity_after": ppl["after"]}
     api.save(model, tokenizer, out, report, overwrite=args.overwrite, export_dense=args.export == "dense")
+    distributed.barrier()
     t = report["totals"]
     print(f"parameters: {t['parameters_before']:,} -> {t['parameters_after']:,} "
           f"(kept {t['kept_fraction']:.4f}, budget {cfg.budget})")

@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass
 import torch
 from tqdm.auto import tqdm
 
+from . import distributed
 from .activations import MemoryStore, activation_store, copied_store, parse_dtype, scratch_store
 from ..modeling.arch import trace_groups, weight_matrix
 from .capture import StopForward, block0_input, record_calls, run_block, to_device
@@ -95,6 +96,7 @@ class LoopOptions:
     sparse_modules: str = "all"  # lean: no sparse part where rom fits from output statistics (CompressConfig)
     interp: bool = False  # store the factors in the interpolative form (llmrom.factor.interp; CompressConfig.factors)
     pair_modules: frozenset = frozenset()  # with interp: linears stored as pairs, the only fast form at their rank
+    distributed: bool = False  # sum every moment across the torch.distributed ranks (llmrom.loop.distributed)
 
     def __post_init__(self):
         check_correction(self.correct, self.sequential, self.method, self.sparse)
@@ -173,13 +175,14 @@ def compress_block(block, prefix, i, groups, calls, hidden, plan, opts, timings=
                     method, moments = _group_statistics(block, group, src, fwd, opts, timings)
                 else:
                     method, moments = rom_corrected, _collect_joint(block, dense_block, group[0], hidden, dense,
-                                                                    forward, dense_forward, timings)
+                                                                    forward, dense_forward, timings, opts.distributed)
                 for n in group:
                     records.append(_compress_one(block, prefix, n, method, moments, plan, opts, timings))
         elif any(todo):
             wanted = [n for g in todo for n in g[:1]]
             shared = {n: g[0] for g in todo for n in g}
-            moments = _collect(block, wanted, hidden, forward, stop=False, outputs=i, timings=timings)
+            moments = _collect(block, wanted, hidden, forward, stop=False, outputs=i, timings=timings,
+                               reduce=opts.distributed)
             for n in shared:
                 records.append(_compress_one(block, prefix, n, METHODS[opts.method], moments[shared[n]], plan, opts,
                                              timings))
@@ -293,17 +296,19 @@ def _group_statistics(block, group, hidden, forward, opts, timings):
     configured method, or those of the output of its single linear for `rom_from_outputs`."""
     if uses_output_stats(block, group, opts):
         return rom_from_outputs, _collect(block, group, hidden, forward, stop=True, timings=timings,
-                                          of="outputs")[group[0]]
-    return METHODS[opts.method], _collect(block, group[:1], hidden, forward, stop=True, timings=timings)[group[0]]
+                                          of="outputs", reduce=opts.distributed)[group[0]]
+    return METHODS[opts.method], _collect(block, group[:1], hidden, forward, stop=True, timings=timings,
+                                          reduce=opts.distributed)[group[0]]
 
 
-def _collect(block, names, hidden, forward, stop, outputs=None, timings=None, of="inputs"):
+def _collect(block, names, hidden, forward, stop, outputs=None, timings=None, of="inputs", reduce=False):
     """Moments of the inputs (of="outputs": of the outputs W x, bias excluded) of the named linears
     over all micro-batches.
 
     stop=True ends each forward at the (single) named linear, before it runs (inputs) or right after
     (outputs); outputs=i (the block's index) stores the full block outputs back into `hidden` (the
-    non-sequential variant, whose next inputs are dense).
+    non-sequential variant, whose next inputs are dense). `reduce`: sum them across the torch.distributed
+    ranks, each of which ran its own share of the windows (llmrom.loop.distributed).
     """
     if of not in ("inputs", "outputs"):
         raise ValueError(f"_collect: of={of!r}, expected 'inputs' or 'outputs'")
@@ -335,6 +340,11 @@ def _collect(block, names, hidden, forward, stop, outputs=None, timings=None, of
     finally:
         for hd in handles:
             hd.remove()
+    if reduce:
+        t0 = time.perf_counter()
+        for n in names:
+            distributed.sum_moments(moments[n])
+        timings["all_reduce"] = timings.get("all_reduce", 0.0) + time.perf_counter() - t0
     return moments
 
 
@@ -344,9 +354,10 @@ def _without_bias(module, out):
     return out if module.bias is None else out - module.bias.to(torch.float32)
 
 
-def _collect_joint(block, dense_block, name, hidden, dense, forward, dense_forward, timings):
+def _collect_joint(block, dense_block, name, hidden, dense, forward, dense_forward, timings, reduce=False):
     """CrossMoments of the input of linear `name`: dense copy on the dense states, compressed block on
-    the compressed ones, micro-batch by micro-batch (same tokens), both forwards stopped at the linear."""
+    the compressed ones, micro-batch by micro-batch (same tokens), both forwards stopped at the linear;
+    `reduce`: summed across the torch.distributed ranks."""
     got, moments = {}, [None]
 
     def grab_dense(mod, args):
@@ -373,7 +384,7 @@ def _collect_joint(block, dense_block, name, hidden, dense, forward, dense_forwa
     finally:
         for hd in handles:
             hd.remove()
-    return moments[0]
+    return distributed.sum_moments(moments[0]) if reduce else moments[0]
 
 
 def _compress_one(block, prefix, name, method, moments, plan, opts, timings):
@@ -476,7 +487,8 @@ def profile_blocks(model, layout, tokens, opts):
         forward = _block_forward(block, calls, i, opts.device, timings)
         groups = layout.groups or trace_groups(block, lambda: forward(hidden[0]))
         with torch.no_grad():
-            moments = _collect(block, [g[0] for g in groups], hidden, forward, stop=False, outputs=i)
+            moments = _collect(block, [g[0] for g in groups], hidden, forward, stop=False, outputs=i,
+                               reduce=opts.distributed)
         block.to(home)
         yield prefix, {prefix + n: moments[g[0]] for g in groups for n in g}
         del moments  # not alive while the next block's are collected

@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 from ..errors import LlmromError, NonFiniteError
 from ..modeling.factorized import FactorizedEmbedding, factorize_embedding_modules
 from ..factor.methods import explained_fraction
+from ..loop import distributed
 
 GRID = (0.9, 0.8, 0.7, 0.6, 0.5, 0.4)  # kept fractions of the embedding's parameters the automatic plan scores
 HEAD_SHARE = 0.75  # a tied head's share of the moment that gives the embedding's basis (module docstring)
@@ -109,10 +110,11 @@ class _HeadReached(Exception):
 
 
 @torch.no_grad()
-def head_input_moment(model, shape, tokens, batch_size=8, progress=False):
+def head_input_moment(model, shape, tokens, batch_size=8, progress=False, reduce=False):
     """Uncentred second moment (dim x dim, float64, on the CPU) of the tied output layer's inputs (the
     final hidden states) on `tokens`, from forwards of the model as it is; None when the head is not
-    tied to the embedding (its inputs then do not meet this table)."""
+    tied to the embedding (its inputs then do not meet this table). `reduce`: `tokens` is this rank's
+    share, and the sums are taken across the torch.distributed ranks (llmrom.loop.distributed)."""
     if shape.head is None:
         return None
     token_counts(tokens, shape.vocab)
@@ -135,6 +137,9 @@ def head_input_moment(model, shape, tokens, batch_size=8, progress=False):
                 pass
     finally:
         handle.remove()
+    if reduce:
+        distributed.sum_tensors(acc)
+        seen[0] = distributed.sum_count(seen[0])
     if not seen[0]:
         raise LlmromError(f"the model's forward never called its output layer {shape.head}; factorize the "
                           "embedding with --embedding-budget 1 (dense)")
@@ -146,11 +151,14 @@ def head_input_moment(model, shape, tokens, batch_size=8, progress=False):
 
 
 @torch.no_grad()
-def embedding_basis(weight, tokens, head_moment=None, head_share=HEAD_SHARE):
+def embedding_basis(weight, tokens, head_moment=None, head_share=HEAD_SHARE, reduce=False):
     """(eigenvalues, eigenvectors) of the embedding's output second moment on `tokens`, descending,
     in float64; with `head_moment` (a tied head's, from head_input_moment), of the mix of the two
-    moments, each divided by its trace, `head_share` of the head's (see the module's docstring)."""
+    moments, each divided by its trace, `head_share` of the head's (see the module's docstring).
+    `reduce`: the token counts are summed across the torch.distributed ranks."""
     counts = token_counts(tokens, weight.shape[0])
+    if reduce:
+        distributed.sum_tensors(counts)
     used = counts.nonzero().flatten()
     rows = weight.detach()[used.to(weight.device)].to(device="cpu", dtype=torch.float64)
     moment = (rows * counts[used, None]).T @ rows / counts.sum()
@@ -165,11 +173,13 @@ def embedding_basis(weight, tokens, head_moment=None, head_share=HEAD_SHARE):
 
 
 @torch.no_grad()
-def factorize_embedding(model, shape, tokens, rank, head_share=HEAD_SHARE, progress=False):
-    """Replace the embedding (and its tied head) by rank-`rank` factors in place; returns a record."""
+def factorize_embedding(model, shape, tokens, rank, head_share=HEAD_SHARE, progress=False, reduce=False):
+    """Replace the embedding (and its tied head) by rank-`rank` factors in place; returns a record.
+    `reduce`: `tokens` is this rank's share of the windows; the statistics are summed across ranks."""
     old = model.get_submodule(shape.name)
     w = old.weight.detach()
-    vals, vecs = embedding_basis(w, tokens, head_input_moment(model, shape, tokens, progress=progress), head_share)
+    head = head_input_moment(model, shape, tokens, progress=progress, reduce=reduce)
+    vals, vecs = embedding_basis(w, tokens, head, head_share, reduce)
     p = vecs[:, :rank].to(device=w.device, dtype=w.dtype)
     table = w @ p
     if not torch.isfinite(table).all():
