@@ -191,7 +191,9 @@ def main(argv=None):
                    "tutorial_perplexity": tutorial_perplexity(model, tok), "heal": report.get("heal"),
                    "environment": environment()}
             write_json_atomic(path, row)
-            print(f"{path.name}: retained {row['retained']:.3f}")
+            kept = row["retained"]
+            print(f"{path.name}: retained " + ("- (no task where dense is above chance)" if kept is None else
+                                               f"{kept:.3f}"))
             del model
             torch.manual_seed(0)
 

@@ -401,3 +401,38 @@ def test_compress_time_benchmark_writes_the_split_and_the_floor(tiny_folder, tmp
     r = json.loads((tmp_path / f"{tiny_folder.name}_0.8.json").read_text())
     assert r["kept_fraction"] <= 0.8 and r["floor"]["flop"] > 0 and r["floor"]["wall_over_floor"] > 1
     assert {"plan", "loop"} <= set(r["seconds"]) and r["peak_rss_bytes"] >= r["load_peak_rss_bytes"] > 0
+
+
+def test_zero_shot_benchmark_smoke(tiny_folder, tmp_path, capsys):
+    """bench/zeroshot.py end to end on a tiny model and 2 documents per task: dense scored once, a row per
+    (budget, variant) with retained and perplexity, resumed without re-running, then the table and plot."""
+    for module in ("lm_eval", "olmo_eval", "torch_pruning"):
+        if importlib.util.find_spec(module) is None:
+            pytest.skip(f"{module} is not installed (.ci/run installs it)")
+    from llmrom.data.textdata import load_text
+    from llmrom.errors import LlmromError
+    try:
+        load_text("python-docs:tutorial")
+    except LlmromError as e:
+        pytest.skip(str(e))
+    zs = bench_module("zeroshot")
+    argv = ["--model", str(tiny_folder), "--budgets", "0.8", "--variants", "rom,prune", "--docs", "2",
+            "--nsamples", "8", "--results", str(tmp_path)]
+    zs.main(argv)
+    name = tiny_folder.name
+    assert sorted(p.name for p in tmp_path.glob("*.json")) == [f"{name}_0.8_prune_2.json", f"{name}_0.8_rom_2.json",
+                                                              f"{name}_dense_2.json"]
+    for variant in ("rom", "prune"):
+        row = json.loads((tmp_path / f"{name}_0.8_{variant}_2.json").read_text())
+        assert row["kept_fraction"] <= 0.8 and row["tutorial_perplexity"] > 1
+        assert set(row["zero_shot"]["tasks"]) >= set(zs.PAPER_SIX)
+        assert all(t["samples"] == 2 for t in row["zero_shot"]["tasks"].values())
+        assert row["calibration"].startswith("pydoc: 8 windows")
+    stamp = {p: p.stat().st_mtime_ns for p in tmp_path.glob("*.json")}
+    zs.main(argv)  # resumes: every row exists
+    assert {p: p.stat().st_mtime_ns for p in tmp_path.glob("*.json")} == stamp
+    capsys.readouterr()
+    zs.main(["--table", "--results", str(tmp_path)])
+    printed = capsys.readouterr().out
+    assert f"| {name} | 0.8 | rom |" in printed and f"| {name} | 0.8 | prune |" in printed
+    assert (tmp_path / f"{name}_2.png").exists()
