@@ -266,3 +266,41 @@ def test_loop_floor_counts_each_pass_the_scheme_needs():
     macs = dense + (dense + (dense - 128 * 64 + 8 * 192) + 4 * 64 * 64)
     assert f["flop"] == 2 * macs * 10 and f["seconds"] == round(2 * macs * 10 / 1e9, 6)
     assert loop_floor(shapes, [], groups, 10, 1e9)["flop"] == 2 * 2 * dense * 10  # nothing compressed: one pass each
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_streamed_dense_export_equals_the_in_memory_one(family, tmp_path):
+    """--stream --export dense: each block written with its compressed linears merged (GPT-2's Conv1D
+    transposed), a folder plain transformers loads without llmrom, with the in-memory export's logits."""
+    folder = sharded(family, tmp_path / "src")
+    tokens, config = calib_tokens(), CompressConfig(**CFG, centered=False)
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+    model, report = llmrom.compress(model, None, config, progress=False, tokens=tokens)
+    llmrom.save(model, None, tmp_path / "in-memory", report, export_dense=True, dtype=stored_dtype(folder))
+    compress_streaming(folder, tmp_path / "out", config, tokens=tokens, progress=False, export_dense=True)
+    config_json = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert "llmrom" not in config_json and "auto_map" not in config_json
+    assert not (tmp_path / "out" / "llmrom_modeling.py").exists()
+    assert sorted(tensors(tmp_path / "out")) == sorted(tensors(tmp_path / "in-memory"))
+    assert sum(r["rank"] is not None for r in report["modules"]) > 0
+    outs = []
+    for d in ("in-memory", "out"):
+        plain = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / d).eval()
+        with torch.no_grad():
+            outs.append(plain(tokens).logits)
+    assert torch.equal(outs[0], outs[1])
+    with torch.no_grad():
+        assert not torch.allclose(outs[1], transformers.AutoModelForCausalLM.from_pretrained(folder)(tokens).logits)
+
+
+def test_cli_streamed_dense_export_and_its_refusal(random_ckpt, tmp_path, capsys):
+    fast = ["--nsamples", "6", "--seqlen", "32", "--batch-size", "4", "--calib", "pydoc", "--last-blocks", "2",
+            "--module-budget", "0.5", "--stream", "--export", "dense"]
+    code = cli.main(["compress", str(random_ckpt), "--out", str(tmp_path / "o"), *fast])
+    assert code == 2 and "add --no-centered" in capsys.readouterr().err  # centring adds biases LLaMA lacks
+    assert not list(tmp_path.iterdir())  # nothing written, no partial folder
+    code = cli.main(["compress", str(random_ckpt), "--out", str(tmp_path / "o"), "--no-centered", *fast])
+    assert code == 0 and "dense export, streamed" in capsys.readouterr().out
+    plain = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "o")
+    assert type(plain).__name__ == "LlamaForCausalLM"
+    assert count_params(plain) == count_params(transformers.AutoModelForCausalLM.from_pretrained(random_ckpt))

@@ -423,18 +423,19 @@ def _compress_streaming(args, cfg, out):
     from .loop.stream import compress_streaming
     if not args.stream:
         raise LlmromError("--resume continues a --stream run; add --stream")
-    if args.export != "factorized" or args.eval:
-        raise LlmromError("--stream writes the factorized export and does not evaluate; drop --export dense and "
-                          "--eval (evaluate the output folder afterwards)")
+    if args.eval:
+        raise LlmromError("--stream does not evaluate (the whole model is never in memory); drop --eval and run "
+                          "`llmrom eval` on the output folder afterwards")
     source = Path(args.model).expanduser() / args.gguf_file if args.gguf_file else args.model
-    report = compress_streaming(source, out, cfg, resume=args.resume, overwrite=args.overwrite)
+    report = compress_streaming(source, out, cfg, resume=args.resume, overwrite=args.overwrite,
+                                export_dense=args.export == "dense")
     t = report["totals"]
     print(f"parameters: {t['parameters_before']:,} -> {t['parameters_after']:,} "
           f"(kept {t['kept_fraction']:.4f}, budget {cfg.budget})")
     print(f"plan: {_plan_line(report['plan'])}")
     from .loop.report import time_line
     print(time_line(report))
-    print(f"saved to {out} (factorized, streamed)")
+    print(f"saved to {out} ({'dense export' if args.export == 'dense' else 'factorized'}, streamed)")
     return 0
 
 

@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 
 from .. import __version__
 from .activations import FILES, DiskStore, MemoryStore, parse_dtype, read_record
-from ..plan.choose import choose_plan, planned_shapes
+from ..plan.choose import check_dense_exportable, choose_plan, planned_shapes
 from .report import build_report, loop_floor, time_split
 from ..modeling.arch import layout_for
 from .capture import record_calls
@@ -47,8 +47,8 @@ from ..eval.cost import count_params, gemm_flops_per_second, macs_per_token, pea
 from ..errors import LlmromError
 from ..modeling.factorized import FORMAT_VERSION, apply_factorization
 from .ggufcheckpoint import GgufCheckpoint
-from ..modeling.io import (DTYPES, check_output, factorization_meta, finish_folder, is_llmrom_folder, module_meta,
-                          stored_dtype)
+from ..modeling.io import (DTYPES, base_architecture, check_output, factorization_meta, finish_folder,
+                          is_llmrom_folder, merge_into, module_meta, original_skeleton, stored_dtype)
 from .pipeline import ModuleRecord, compress_block, prepare_inputs
 from ..modeling.shards import INDEX_NAME, cast_entries, shard_name, tensor_entries, write_index, write_shard
 from ..data.textdata import tokens_sha256
@@ -299,9 +299,10 @@ def _sha256(data):
     return hashlib.sha256(data).hexdigest()
 
 
-def _fingerprint(folder, config, tokens, plan):
+def _fingerprint(folder, config, tokens, plan, export_dense=False):
     cfg = {k: v for k, v in config.to_dict().items() if k != "activations"}  # where they live changes nothing
     return {"source": str(folder.resolve()), "config": cfg, "llmrom_version": __version__,
+            "export": "dense" if export_dense else "factorized",
             "tokens_sha256": tokens_sha256(tokens),
             "plan_sha256": _sha256(json.dumps(plan, sort_keys=True).encode())}
 
@@ -329,9 +330,10 @@ def _open_store(config, part, journal, hidden):
 
 @torch.no_grad()  # not torch.set_grad_enabled(False): the caller's grad mode is left as it was
 def compress_streaming(source, out_dir, config, *, resume=False, overwrite=False, tokens=None, tokenizer=None,
-                       progress=True, monitor=None, max_blocks=None):
+                       progress=True, monitor=None, max_blocks=None, export_dense=False):
     """Compress `source` (a safetensors folder, a .gguf file or a packaged model name) into `out_dir`
-    block by block; returns the report.
+    block by block; returns the report. `export_dense` writes each block's compressed linears merged back
+    into one weight each, in the original architecture (`--export dense`: no size saving, any loader).
 
     `tokens` (nsamples x seqlen) overrides the calibration text (tests); `monitor(event, model, resident)` is
     called after every load and release (tests count resident parameters with it); `max_blocks`
@@ -357,6 +359,11 @@ def compress_streaming(source, out_dir, config, *, resume=False, overwrite=False
     layout = layout_for(skeleton)
     blocks = skeleton.get_submodule(layout.blocks_path)
     n = len(blocks)
+    original = None  # with export_dense: the original architecture, whose module classes the merged weights take
+    if export_dense:
+        if config.centered:
+            check_dense_exportable(skeleton)
+        original = original_skeleton(skeleton, base_architecture(skeleton))
     shapes = planned_shapes(skeleton, layout, config, progress)
     before = {"parameters": count_params(skeleton), "macs_per_token": macs_per_token(skeleton)}
     if tokenizer is None:
@@ -372,7 +379,7 @@ def compress_streaming(source, out_dir, config, *, resume=False, overwrite=False
     monitor = monitor or (lambda event, model, resident: None)
 
     part = Partial(out)
-    journal = part.open(_fingerprint(folder, config, tokens, plan), resume)
+    journal = part.open(_fingerprint(folder, config, tokens, plan, export_dense), resume)
     try:
         start = journal["blocks_done"]
         timings = defaultdict(float, journal["timings"])
@@ -393,7 +400,7 @@ def compress_streaming(source, out_dir, config, *, resume=False, overwrite=False
                 for i in tqdm(range(start, stop), initial=start, total=n, desc="blocks", unit="block",
                               disable=not progress):
                     groups = _one_block(skeleton, blocks, i, n, layout, groups, calls, store, plan, opts, ckpt, ties,
-                                        part, records, timings, monitor, t0, DTYPES[save])
+                                        part, records, timings, monitor, t0, DTYPES[save], original)
             finally:
                 if isinstance(store, DiskStore):
                     store.close()
@@ -403,7 +410,8 @@ def compress_streaming(source, out_dir, config, *, resume=False, overwrite=False
         rate = gemm_flops_per_second(opts.device)
         floor = loop_floor(shapes, records, groups, tokens.numel(), rate, opts.outputs_streamable)
         report = _finish(skeleton, tokenizer, folder, out, part, ckpt, ties, layout, n, config, plan_info, tokens,
-                         before, records, timings, t0, save, {"plan": plan_seconds, "floor": floor})
+                         before, records, timings, t0, save, {"plan": plan_seconds, "floor": floor},
+                         export_dense)
     finally:
         part.close()
     return report
@@ -426,8 +434,9 @@ def _tokenizer(folder, needed):
 
 
 def _one_block(skeleton, blocks, i, n, layout, groups, calls, store, plan, opts, ckpt, ties, part, records,
-               timings, monitor, t0, save_dtype):
-    """Read, compress, write and release block i, then record it in the journal."""
+               timings, monitor, t0, save_dtype, original=None):
+    """Read, compress, write and release block i, then record it in the journal. With `original` (the
+    original architecture's skeleton: --export dense) its factorized linears are written merged."""
     block, prefix = blocks[i], f"{layout.blocks_path}.{i}."
     t = time.perf_counter()
     materialize(block, prefix, ckpt, ties)
@@ -441,7 +450,12 @@ def _one_block(skeleton, blocks, i, n, layout, groups, calls, store, plan, opts,
     t = time.perf_counter()
     name = shard_name(i + 2, n + 1)  # shard 1 holds the tensors outside the blocks, written last
     state = block.state_dict(prefix=prefix)
+    if original is not None:
+        for r in done:
+            if r.rank is not None:
+                merge_into(state, skeleton, r.name, original.get_submodule(r.name))
     nbytes = write_shard(part.path / name, cast_entries(tensor_entries(state), save_dtype))
+    written = list(state)
     del state
     release(block)
     return_free_memory()
@@ -454,7 +468,7 @@ def _one_block(skeleton, blocks, i, n, layout, groups, calls, store, plan, opts,
     modules = dict(part.journal["modules"])
     modules.update({r.name: module_meta(block.get_submodule(r.name[len(prefix):])) for r in done if r.rank is not None})
     weight_map = dict(part.journal["weight_map"])
-    weight_map.update({k: name for k in block.state_dict(prefix=prefix)})
+    weight_map.update({k: name for k in written})
     part.commit(blocks_done=i + 1, hidden=hidden, groups=[list(g) for g in groups], records=[r.to_dict() for r in records],
                 modules=modules, weight_map=weight_map, total_size=part.journal["total_size"] + nbytes,
                 timings=dict(timings))
@@ -485,7 +499,7 @@ def _outside_entries(skeleton, layout, ckpt, ties):
 
 
 def _finish(skeleton, tokenizer, folder, out, part, ckpt, ties, layout, n, config, plan_info, tokens, before,
-            records, timings, t0, save_dtype, extra):
+            records, timings, t0, save_dtype, extra, export_dense=False):
     """Write the shard of the tensors outside the blocks, the index and the rest; rename into place."""
     t = time.perf_counter()
     name = shard_name(1, n + 1)
@@ -510,7 +524,7 @@ def _finish(skeleton, tokenizer, folder, out, part, ckpt, ties, layout, n, confi
     for f in (*FILES, JOURNAL_NAME, "lock"):
         (part.path / f).unlink(missing_ok=True)
     meta = factorization_meta(skeleton, config.method, config.centered)
-    finish_folder(part.path, out, skeleton, tokenizer, meta, report, dtype=save_dtype)
+    finish_folder(part.path, out, skeleton, tokenizer, meta, report, export_dense, dtype=save_dtype)
     return report
 
 

@@ -140,17 +140,22 @@ def module_meta(m):
     return spec
 
 
+def base_architecture(model):
+    """The transformers class name of `model`'s architecture (under a loaded folder's Llmrom* subclass)."""
+    base = type(model)
+    while base.__name__.startswith("Llmrom"):
+        base = base.__bases__[0]
+    return base.__name__
+
+
 def factorization_meta(model, method, centered):
     """`config.llmrom`. The lowest format version that holds what the model has: 1 (low-rank factors),
     2 (a sparse residual), 3 (a factorized embedding), 4 (interpolative factors), so that folders stay
     readable by llmrom versions that predate the features they do not use."""
     modules = {n: module_meta(m) for n, m in model.named_modules() if isinstance(m, FactorizedLinear)}
-    base = type(model)
-    while base.__name__.startswith("Llmrom"):
-        base = base.__bases__[0]
     version = SPARSE_FORMAT_VERSION if any("nnz" in v for v in modules.values()) else FORMAT_VERSION
     meta = {"format_version": version, "method": method, "centered": centered,
-            "base_architecture": base.__name__, "modules": modules}
+            "base_architecture": base_architecture(model), "modules": modules}
     emb = {n: m for n, m in model.named_modules() if isinstance(m, FactorizedEmbedding)}
     if emb:
         (name, m), = emb.items()
@@ -226,22 +231,33 @@ def modeling_source(base_name, cls_name):
             + f"{cls_name} = make_factorized_class({base_name})\n")
 
 
+def original_skeleton(model, base_architecture):
+    """The original architecture of `model`'s config on the meta device: which class each module had."""
+    with torch.device("meta"):
+        return getattr(transformers, base_architecture)(model.config)
+
+
+def merge_into(state, model, name, original):
+    """Replace the entries of factorized module `name` in `state` (full names) by its merged weight and
+    bias, stored as the `original` module stores them (a Linear's (out, in), GPT-2's Conv1D (in, out))."""
+    mod = model.get_submodule(name)
+    if mod.bias is not None and getattr(original, "bias", None) is None:
+        raise LlmromError(f"--export dense cannot store the bias that centring added to {name} (the original "
+                          "layer has none); compress with --no-centered to export dense")
+    for k in [k for k in state if k.startswith(name + ".")]:
+        del state[k]
+    w = mod.weight  # factors merged, plus the sparse residual
+    state[f"{name}.weight"] = w if isinstance(original, torch.nn.Linear) else w.T.contiguous()
+    if mod.bias is not None:
+        state[f"{name}.bias"] = mod.bias
+
+
 def dense_state_dict(model, meta):
     """State dict of the original architecture: each factorized module merged back to one weight."""
-    with torch.device("meta"):
-        skeleton = getattr(transformers, meta["base_architecture"])(model.config)
+    skeleton = original_skeleton(model, meta["base_architecture"])
     state = model.state_dict()
     for name in meta["modules"]:
-        mod, orig = model.get_submodule(name), skeleton.get_submodule(name)
-        if mod.bias is not None and getattr(orig, "bias", None) is None:
-            raise LlmromError(f"--export dense cannot store the bias that centring added to {name} (the original "
-                              "layer has none); compress with --no-centered to export dense")
-        for k in [k for k in state if k.startswith(name + ".")]:
-            del state[k]
-        w = mod.weight  # factors merged, plus the sparse residual
-        state[f"{name}.weight"] = w if isinstance(orig, torch.nn.Linear) else w.T.contiguous()  # Conv1D: (in, out)
-        if mod.bias is not None:
-            state[f"{name}.bias"] = mod.bias
+        merge_into(state, model, name, skeleton.get_submodule(name))
     if meta.get("embedding"):  # the merged table; a tied head is the same tensor again, as in the original
         spec = meta["embedding"]
         emb = model.get_submodule(spec["name"])
