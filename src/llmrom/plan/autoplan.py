@@ -27,6 +27,7 @@ The eigenvectors are kept only up to the largest rank any plan asks for, and the
 swapped back rather than copied, so the proxy costs about one set of truncated eigenbases.
 """
 
+import contextlib
 import copy
 import dataclasses
 import logging
@@ -69,19 +70,14 @@ class ProjectionProxy:
     full forward."""
 
     def __init__(self, model, layout, max_ranks, profile, held, opts, centered=False):
-        self.model, self.layout, self.held, self.eig, self.dense = model, layout, held, {}, {}
+        self.model, self.layout, self.held, self.eig = model, layout, held, {}
         self.out_mean = {}  # centred: the mean output W m of each linear; its dropped part goes into the bias
         for _, moments in profile_blocks(model, layout, profile, opts):  # one block's moments at a time
             for name in (n for n in moments if n in max_ranks):
-                module, m = model.get_submodule(name), moments[name]
-                w = weight_matrix(module).detach()
-                stats = m.covariance() if centered else m.second_moment()  # on --device, like the profiling
-                w64 = w.to(device=stats.device, dtype=torch.float64)
-                vecs = output_eigh(w64, stats, top=max_ranks[name])[1]
-                self.eig[name] = vecs.to(device=w.device, dtype=w.dtype)  # scored where the model lives
-                self.dense[name] = (module.weight.data, module.bias)
+                module = model.get_submodule(name)
+                self.eig[name], mean = proxy_basis(module, moments[name], max_ranks[name], centered)
                 if centered:
-                    self.out_mean[name] = (w64 @ m.mean()).to(device=w.device, dtype=w.dtype)
+                    self.out_mean[name] = mean
             del moments
         self.blocks = model.get_submodule(layout.blocks_path)
         self.inputs = []  # cached by refresh(); None once they prove unusable
@@ -136,24 +132,46 @@ class ProjectionProxy:
         if not plan:
             return self.dense_loss
         try:
-            for name, rank in plan.items():
-                module, v = self.model.get_submodule(name), self.eig[name][:, :rank]
-                projected = v @ (v.T @ weight_matrix(module))
-                module.weight.data = projected if isinstance(module, nn.Linear) else projected.T.contiguous()
-                if name in self.out_mean:  # centred ROM restores the mean of the dropped directions in a bias
-                    u = self.out_mean[name]
-                    dropped = u - v @ (v.T @ u)
-                    module.bias = nn.Parameter(dropped if module.bias is None else module.bias + dropped,
-                                               requires_grad=False)
-            if self.inputs is None:
-                return mean_nll(self.model, self.held)
-            return self._loss_from(self._first_block(plan))
+            with projected(self.model, plan, self.eig, self.out_mean):
+                if self.inputs is None:
+                    return mean_nll(self.model, self.held)
+                return self._loss_from(self._first_block(plan))
         except NonFiniteError:
             return math.inf
-        finally:
-            for name in plan:
-                module = self.model.get_submodule(name)
-                module.weight.data, module.bias = self.dense[name]
+
+
+def proxy_basis(module, moments, top, centered=False):
+    """(top output eigenvectors of a linear on its input `moments`, in the weight's dtype and device; with
+    `centered`, its mean output W m, else None): what the proxy projects the linear onto."""
+    w = weight_matrix(module).detach()
+    stats = moments.covariance() if centered else moments.second_moment()  # on --device, like the profiling
+    w64 = w.to(device=stats.device, dtype=torch.float64)
+    vecs = output_eigh(w64, stats, top=top)[1].to(device=w.device, dtype=w.dtype)  # scored where the model lives
+    return vecs, ((w64 @ moments.mean()).to(device=w.device, dtype=w.dtype) if centered else None)
+
+
+@contextlib.contextmanager
+def projected(root, plan, eig, out_mean=None):
+    """Within the block: each linear `name` of `plan` ({name: rank}, names relative to `root`) has its weight
+    replaced by its projection onto its top `rank` output eigenvectors eig[name]; with out_mean[name], the
+    mean of the dropped directions is restored in a bias (centred ROM). The dense weights are put back."""
+    out_mean = out_mean or {}
+    dense = {name: (root.get_submodule(name).weight.data, root.get_submodule(name).bias) for name in plan}
+    try:
+        for name, rank in plan.items():
+            module, v = root.get_submodule(name), eig[name][:, :rank]
+            p = v @ (v.T @ weight_matrix(module))
+            module.weight.data = p if isinstance(module, nn.Linear) else p.T.contiguous()
+            if name in out_mean:  # centred ROM restores the mean of the dropped directions in a bias
+                u = out_mean[name]
+                dropped = u - v @ (v.T @ u)
+                module.bias = nn.Parameter(dropped if module.bias is None else module.bias + dropped,
+                                           requires_grad=False)
+        yield
+    finally:
+        for name, (weight, bias) in dense.items():
+            module = root.get_submodule(name)
+            module.weight.data, module.bias = weight, bias
 
 
 def _split(tokens, n_profile, n_eval):
@@ -243,7 +261,7 @@ def trial_loss(model, layout, shapes, n_blocks, row, embedding, basis, calib, he
 
 @torch.no_grad()
 def choose_last_n(model, layout, shapes, n_blocks, candidates, tokens, opts, n_profile=32, n_eval=16, k=8,
-                  embedding=None, total=None, budget=None, trial_windows=64):
+                  embedding=None, total=None, budget=None, trial_windows=64, make_proxy=None):
     """Returns ((embedding rank or None, last_n, module_budget), info dict with the scored table and
     the seconds spent). last_n is 0 when the embedding alone meets the budget. Without `embedding`
     (an llmrom.embedding.EmbeddingShape; `total` and `budget` come with it) the embedding stays dense.
@@ -253,7 +271,10 @@ def choose_last_n(model, layout, shapes, n_blocks, candidates, tokens, opts, n_p
     ranked unfairly against each other. The best candidate of each kind (blocks alone, embedding
     alone, both) is therefore compressed for real on `trial_windows` calibration windows and the
     lowest held-out loss wins (0: the proxy alone decides). The embedding's basis (with a tied head's
-    input moment: embedding.embedding_basis) is computed once, on the profile windows, for both."""
+    input moment: embedding.embedding_basis) is computed once, on the profile windows, for both.
+
+    `make_proxy(max_ranks, profile, held, plans)` replaces the in-memory ProjectionProxy by one that scores
+    the given plans in advance (llmrom.loop.streamplan: a streamed model); blocks-only candidates then."""
     t0 = time.perf_counter()
     options = _embedding_options(embedding, total, budget, shapes, n_blocks, candidates, k)
     if not options:
@@ -265,7 +286,13 @@ def choose_last_n(model, layout, shapes, n_blocks, candidates, tokens, opts, n_p
     for n, b in flat:
         for name, r in last_blocks_plan(shapes, n_blocks, n, b).items():
             widest[name] = max(r, widest.get(name, 0))
-    proxy = ProjectionProxy(model, layout, widest, profile, held, opts)
+    if make_proxy is None:
+        proxy = ProjectionProxy(model, layout, widest, profile, held, opts)
+    elif set(options) != {None}:
+        raise ValueError("a proxy made in advance scores blocks-only candidates: pass embedding=None")
+    else:
+        proxy = make_proxy(widest, profile, held, [last_blocks_plan(shapes, n_blocks, n, b) for n, b in options[None]
+                                                   if n])
     t_profiled = time.perf_counter()
     table = _score_last_n(proxy, shapes, n_blocks, options.get(None, []), opts.progress, embedding_rank=None)
     basis = None
@@ -297,6 +324,7 @@ def choose_last_n(model, layout, shapes, n_blocks, candidates, tokens, opts, n_p
         criterion = "calibration loss of the non-sequential ROM projection"
     info = {"criterion": criterion, "profile_windows": len(profile), "scored_windows": len(held),
             "candidates": table, "from_cached_block_inputs": proxy.inputs is not None,
+            "proxy": type(proxy).__name__,
             "seconds": time.perf_counter() - t0,
             "seconds_split": {"profile": round(t_profiled - t0, 3), "candidates": round(t_scored - t_profiled, 3),
                               "trials": round(time.perf_counter() - t_scored, 3)}}

@@ -56,28 +56,28 @@ def check_dense_exportable(model):
                           f"{len(missing) - 1} more have none in this architecture); add --no-centered")
 
 
-def choose_plan(model, layout, shapes, total, tokens, cfg, opts):
+def choose_plan(model, layout, shapes, total, tokens, cfg, opts, make_proxy=None):
     """({module: rank}, embedding rank or None, a description of how they were chosen).
 
     With speed limits on `shapes` (planned_shapes, --prefer speed) the budget still holds exactly: where
     factorizations that are faster than dense cannot remove enough (tiny models, whose products are all
     call overhead), the plan is made without the limits, with a warning, and the report says so."""
     try:
-        return _choose_plan(model, layout, shapes, total, tokens, cfg, opts)
+        return _choose_plan(model, layout, shapes, total, tokens, cfg, opts, make_proxy)
     except BudgetError as e:
         if all(s.max_kept >= 1 and s.interp_max_kept >= 1 for s in shapes):
             raise  # no speed limits to relax: the budget is out of reach
         free = [dataclasses.replace(s, max_kept=1.0, interp_max_kept=1.0) for s in shapes]
-        plan, emb_rank, info = _choose_plan(model, layout, free, total, tokens, cfg, opts)  # out of reach: raises
+        plan, emb_rank, info = _choose_plan(model, layout, free, total, tokens, cfg, opts, make_proxy)  # or raises
         log.warning("--prefer speed: %s with only the factorizations measured faster than dense on this device; "
                     "planned for quality instead (the result may decode slower than dense)", str(e).split(";")[0])
         info["speed_limits"] = {"prefer": cfg.prefer, "relaxed": True, "why": str(e)}
         return plan, emb_rank, info
 
 
-def _choose_plan(model, layout, shapes, total, tokens, cfg, opts):
+def _choose_plan(model, layout, shapes, total, tokens, cfg, opts, make_proxy=None):
     n_blocks = len(model.get_submodule(layout.blocks_path))
-    emb = embedding_shape(model)
+    emb = embedding_shape(model) if make_proxy is None else None  # a streamed model keeps its embedding dense
     automatic = (cfg.budget is not None and cfg.budget < 1 and cfg.policy == "last-blocks"
                  and cfg.last_blocks is None and cfg.module_budget is None and cfg.ranks_file is None)
     emb_rank, budget = None, cfg.budget
@@ -114,7 +114,7 @@ def _choose_plan(model, layout, shapes, total, tokens, cfg, opts):
         candidates = feasible_last_n(budget, total, shapes, n_blocks)
         (rank, last_n, b), auto = choose_last_n(model, layout, shapes, n_blocks, candidates, tokens, opts,
                                                 embedding=emb if emb_rank is None else None, total=total,
-                                                budget=budget, trial_windows=cfg.plan_trials)
+                                                budget=budget, trial_windows=cfg.plan_trials, make_proxy=make_proxy)
         emb_rank = emb_rank if rank is None else rank
         plan = last_blocks_plan(shapes, n_blocks, last_n, b) if last_n else {}
         info = {"policy": "last-blocks (automatic)", "last_blocks": last_n, "module_budget": b, "auto": auto}
