@@ -82,11 +82,13 @@ class StreamedProxy:
 
 @torch.no_grad()
 def _tail_loss(model, blocks, windows, finals, opts):
-    """Mean next-token loss of `windows` (micro-batches of opts.batch_size) when the last block outputs
-    `finals`: the model runs with every block passing its input through and the last one returning its
-    final states, so its own tail (norm, head, soft-capping) makes the logits."""
+    """Mean next-token loss of `windows` (in micro-batches of opts.batch_size) when the last block outputs
+    `finals` (one tensor per micro-batch): the model runs with every block passing its input through and the
+    last one returning the final states, so its own tail (norm, head, soft-capping) makes the logits."""
     total, count = 0.0, 0
-    for ids, h in zip(windows.split(opts.batch_size), finals):
+    pairs = ((ids[k:k + 1], h[k:k + 1]) for ids, h in zip(windows.split(opts.batch_size), finals)
+             for k in range(len(ids)))  # window by window: one window's logits at a time (vocab x seqlen)
+    for ids, h in pairs:
         def last(hidden, *args, _h=h, **kwargs):
             return _h.to(device=hidden.device, dtype=hidden.dtype)
         try:
