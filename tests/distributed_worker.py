@@ -30,8 +30,16 @@ if __name__ == "__main__":
     torch.manual_seed(0)
     if not distributed.setup("cpu"):
         sys.exit("expected a torchrun launch with more than one process")
+    import llmrom.api
+    plan, seen = llmrom.api.choose_plan, {}
+
+    def choose_plan(*args, **kwargs):  # the threads rank 0 plans with
+        seen["planning_threads"] = torch.get_num_threads()
+        return plan(*args, **kwargs)
+    llmrom.api.choose_plan = choose_plan
     logits, report = compressed_logits(family, options)
     if distributed.rank() == 0:
         torch.save({"logits": logits, "plan": report["plan"], "processes": report["processes"],
-                    "modules": report["modules"]}, out)
+                    "modules": report["modules"], "loop_threads": torch.get_num_threads(),
+                    "lone_threads": torch.get_num_interop_threads(), **seen}, out)
     distributed.barrier()

@@ -56,6 +56,9 @@ def test_two_gloo_processes_match_one(family, options, tmp_path):
     two = torch.load(tmp_path / "two.pt")
     one_logits, one = compressed_logits(family, options)
     assert two["processes"]["count"] == 2 and two["processes"]["windows_per_process"] == [6, 6]
+    # torchrun gives each process one thread; rank 0 plans with a lone process's while the others wait
+    assert two["loop_threads"] == 1
+    assert two["planning_threads"] == two["lone_threads"] == torch.get_num_interop_threads()
     assert _same_plan(two["plan"], one["plan"])
     assert [m["rank"] for m in two["modules"]] == [m["rank"] for m in one["modules"]]
     assert any(m["rank"] for m in one["modules"])

@@ -121,15 +121,24 @@ def broadcast(value):
 
 def on_rank0(compute):
     """compute() run on rank 0 alone, its result broadcast to every rank; an LlmromError it raises is raised on
-    every rank (each stops with rank 0's one line, instead of waiting on a peer that has gone)."""
+    every rank (each stops with rank 0's one line, instead of waiting on a peer that has gone).
+
+    Meanwhile rank 0 computes with as many threads as a lone process would (torchrun starts each process with
+    one): the others wait idle, and what it measures (the speed limits of --prefer speed) and decides (the
+    plan) is then what one process would, the inference threads included. PyTorch's default inter-op pool
+    size, which OMP_NUM_THREADS does not change, is that count."""
     if not active():
         return compute()
     result = None
     if rank() == 0:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(max(threads, torch.get_num_interop_threads()))
         try:
             result = ("ok", compute())
         except LlmromError as e:
             result = ("error", e)
+        finally:
+            torch.set_num_threads(threads)
     kind, value = broadcast(result)
     if kind == "error":
         raise value
