@@ -326,3 +326,25 @@ def test_streamed_automatic_plan_equals_the_in_memory_one(family, tmp_path):
         assert abs(a["proxy_calib_loss"] - b["proxy_calib_loss"]) < 1e-6 * b["proxy_calib_loss"]
     with torch.no_grad():
         assert torch.equal(logits(tmp_path / "out", tokens), ref(tokens).logits)
+
+
+def test_resumed_automatic_plan_is_not_planned_again(tmp_path, monkeypatch):
+    """An interrupted --budget stream run resumes with the plan its first session chose (kept in the journal):
+    no second planning pass, and the folder of an uninterrupted run."""
+    import llmrom.loop.streamplan as streamplan
+    folder = sharded("llama", tmp_path / "src")
+    tokens = calib_tokens(60, 16)
+    config = CompressConfig(budget=0.8, nsamples=60, seqlen=16, batch_size=5)
+    compress_streaming(folder, tmp_path / "whole", config, tokens=tokens, progress=False)
+    passes = []
+    real = streamplan.StreamedProxy.__init__
+
+    def counted(self, *args, **kwargs):
+        passes.append(1)
+        real(self, *args, **kwargs)
+    monkeypatch.setattr(streamplan.StreamedProxy, "__init__", counted)
+    assert compress_streaming(folder, tmp_path / "out", config, tokens=tokens, progress=False, max_blocks=1) is None
+    report = compress_streaming(folder, tmp_path / "out", config, tokens=tokens, progress=False, resume=True)
+    assert len(passes) == 1 and report["plan"]["auto"]["proxy"] == "StreamedProxy"
+    assert report["seconds"]["plan"] > 0  # the first session's planning time
+    same_folder(tmp_path / "whole", tmp_path / "out")

@@ -240,6 +240,15 @@ class Partial:
         self.commit()
         return self.journal
 
+    def saved_plan(self):
+        """(plan, plan record) that the interrupted run in this folder chose, or None: a resume reuses them
+        instead of planning again (the fingerprint still checks the model, options and windows)."""
+        path = self.path / JOURNAL_NAME
+        if not path.is_file():
+            return None
+        journal = json.loads(path.read_text())
+        return (journal["plan"], journal["plan_info"]) if journal.get("plan") is not None else None
+
     def _take_lock(self):
         self._lock = open(self.path / "lock", "a")
         try:
@@ -384,13 +393,21 @@ def compress_streaming(source, out_dir, config, *, resume=False, overwrite=False
 
     def make_proxy(max_ranks, profile, held, plans):  # the automatic choice, one block resident at a time
         return StreamedProxy(skeleton, layout, ckpt, ties, max_ranks, profile, held, plans, opts)
-    plan, _, plan_info = choose_plan(skeleton, layout, shapes, before["parameters"], tokens, config, opts, make_proxy)
+    part = Partial(out)
+    saved = part.saved_plan() if resume else None  # a resumed run keeps the plan its first session chose
+    if saved is None:
+        plan, _, plan_info = choose_plan(skeleton, layout, shapes, before["parameters"], tokens, config, opts,
+                                         make_proxy)
+    else:
+        plan, plan_info = saved
     plan_seconds = round(time.perf_counter() - t, 3)
     opts = dataclasses.replace(opts, pair_modules=frozenset(plan_info.get("pair_modules", ())))
     monitor = monitor or (lambda event, model, resident: None)
 
-    part = Partial(out)
     journal = part.open(_fingerprint(folder, config, tokens, plan, export_dense), resume)
+    if not resume:
+        part.commit(plan=plan, plan_info=plan_info, plan_seconds=plan_seconds)
+    plan_seconds = journal.get("plan_seconds", plan_seconds)  # the session that planned
     try:
         start = journal["blocks_done"]
         timings = defaultdict(float, journal["timings"])
