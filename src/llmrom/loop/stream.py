@@ -15,6 +15,10 @@ released. The tensors outside the blocks (embeddings, final norm, head) are copi
 into the last shard one at a time. The folder is the one `llmrom.save` writes (same loader,
 identical logits); its shards are one per block.
 
+With `--budget` alone the automatic last-N plan is chosen first by one more streamed pass over the blocks
+(streamplan.py), and kept in the journal. With `--export dense` each block's compressed linears are written
+merged, in the original architecture.
+
 Everything happens in a hidden partial folder beside the output, with a journal: after each block,
 the block's shard, the hidden states after it (activations.py) and the records are on disk before
 the journal says the block is done. `--resume` continues from the last finished block and gives
