@@ -28,7 +28,7 @@ from ..modeling.arch import trace_groups
 from ..plan.autoplan import projected, proxy_basis
 from .activations import MemoryStore
 from .pipeline import _block_forward, _collect
-from .stream import capture, materialize, reading_outside_blocks, release
+from .checkpoint import capture, materialize, reading_outside_blocks, release
 
 
 class StreamedProxy:
