@@ -36,7 +36,8 @@ def main(argv=None):
     ap.add_argument("--budget", type=float, default=0.8)
     ap.add_argument("--results", default=str(HERE / "results" / "compress_time"))
     args = ap.parse_args(argv)
-    processes = distributed.size() if distributed.setup("cpu") else 1
+    distributed.setup("cpu")  # under torchrun; one process otherwise
+    processes = distributed.size()
     reset_peak_rss()
     model, tok = load_model(args.model)
     load_peak = peak_rss_bytes()

@@ -24,16 +24,16 @@ class BlockCall:
     kwargs: dict
 
 
-def _run_patched(model, blocks, make_forward, input_ids):
+def run_patched(model, blocks, make_forward, input_ids):
     """Run the model with each block's forward replaced by make_forward(i) (an instance attribute,
-    removed afterwards) until a replacement raises StopForward."""
+    removed afterwards); its output, or None where a replacement raised StopForward."""
     try:
         for i, b in enumerate(blocks):
             b.forward = make_forward(i)
         with torch.no_grad():
-            model(input_ids=input_ids, use_cache=False)
+            return model(input_ids=input_ids, use_cache=False)
     except StopForward:
-        pass
+        return None
     finally:
         for b in blocks:
             b.__dict__.pop("forward", None)
@@ -51,7 +51,7 @@ def record_calls(model, blocks, input_ids):
             return hidden
         return fwd
 
-    _run_patched(model, blocks, make, input_ids)
+    run_patched(model, blocks, make, input_ids)
     missing = [i for i, c in enumerate(calls) if c is None]
     if missing:
         raise LlmromError(f"blocks {missing} were never called by {type(model).__name__}.forward; "
@@ -69,7 +69,7 @@ def block0_input(model, blocks, input_ids):
             raise StopForward
         return fwd
 
-    _run_patched(model, blocks, make, input_ids)
+    run_patched(model, blocks, make, input_ids)
     return got["h"]
 
 

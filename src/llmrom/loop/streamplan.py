@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from ..modeling.arch import trace_groups
 from ..plan.autoplan import projected, proxy_basis
 from .activations import MemoryStore
+from .capture import run_patched
 from .pipeline import _block_forward, _collect
 from .checkpoint import capture, materialize, reading_outside_blocks, release
 
@@ -85,24 +86,15 @@ def _tail_loss(model, blocks, windows, finals, opts):
     """Mean next-token loss of `windows` (in micro-batches of opts.batch_size) when the last block outputs
     `finals` (one tensor per micro-batch): the model runs with every block passing its input through and the
     last one returning the final states, so its own tail (norm, head, soft-capping) makes the logits."""
-    total, count = 0.0, 0
+    total, last = 0.0, len(blocks) - 1
     pairs = ((ids[k:k + 1], h[k:k + 1]) for ids, h in zip(windows.split(opts.batch_size), finals)
              for k in range(len(ids)))  # window by window: one window's logits at a time (vocab x seqlen)
     for ids, h in pairs:
-        def last(hidden, *args, _h=h, **kwargs):
+        def final(hidden, *args, _h=h, **kwargs):
             return _h.to(device=hidden.device, dtype=hidden.dtype)
-        try:
-            for b in blocks[:-1]:
-                b.forward = _passthrough
-            blocks[-1].forward = last
-            logits = model(input_ids=ids, use_cache=False).logits.float()
-        finally:
-            for b in blocks:
-                b.__dict__.pop("forward", None)
-        nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum")
-        total += float(nll)
-        count += ids.shape[0] * (ids.shape[1] - 1)
-    return total / count if math.isfinite(total) else math.inf
+        logits = run_patched(model, blocks, lambda i: final if i == last else _passthrough, ids).logits.float()
+        total += float(F.cross_entropy(logits[0, :-1], ids[0, 1:], reduction="sum"))
+    return total / (windows.numel() - len(windows)) if math.isfinite(total) else math.inf
 
 
 def _passthrough(hidden, *args, **kwargs):
