@@ -40,7 +40,7 @@ def headline_table(by_model, budgets=(0.9, 0.8, 0.7), speed_dir=None):
     speed_rows = speed_by_row(Path(speed_dir)) if speed_dir else {}
     lines = ["| model | kept | dense ppl | SVD-LLM ppl | llmrom ppl | gap to dense closed | bytes (vs dense) "
              "| prefill x dense | decode x dense |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    old_plan = False
+    old_marks = set()
     for model, runs in sorted(by_model.items()):
         for b in budgets:
             ours = next((r for r in runs if r["variant"] == "rom" and r["budget"] == b), None)
@@ -57,14 +57,20 @@ def headline_table(by_model, budgets=(0.9, 0.8, 0.7), speed_dir=None):
             if ratios is None and e.get("speed"):
                 ratios = speed_ratios(e["speed"])
             px, dx = (f"{ratios[k]:.2f}" if ratios else "not measured" for k in ("prefill", "decode batch 1"))
-            mark = "" if "prefer" in ours.get("config", {}) else " †"
-            old_plan |= bool(mark)
+            config = ours.get("config", {})
+            mark = " †" if "prefer" not in config else " ‡" if config.get("factors") != "joint" else ""
+            old_marks.add(mark.strip())
             lines.append(f"| {model}{mark} | {ours['totals']['kept_fraction']:.2f} | {dense_ppl:.2f} | "
                          f"{f'{peer_ppl:.2f}' if peer_ppl else '-'} | {ppl:.2f} | {closed} | {size_text} "
                          f"| {px} | {dx} |")
-    if old_plan:
-        lines += ["", "† planned before `--prefer speed` became the default (the plan `--prefer quality` makes "
-                      "now), not yet re-run."]
+    if old_marks - {""}:
+        lines.append("")
+    if "†" in old_marks:
+        lines.append("† planned before `--prefer speed` became the default (the plan `--prefer quality` makes "
+                     "now), each linear factorized alone; not yet re-run.")
+    if "‡" in old_marks:
+        lines.append("‡ the default's plan, but each linear factorized alone (`--factors interpolative`, the default "
+                     "before joint groups); not yet re-run.")
     return "\n".join(lines) if len(lines) > 2 else ""
 
 

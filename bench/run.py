@@ -49,8 +49,10 @@ VARIANTS = {  # name: CompressConfig fields that differ from the defaults
     # the default before the embedding and the interpolative form, and the reference N of the same-blocks
     # variants: the last N blocks only
     "rom-blocks": {"embedding_budget": 1.0, **PAIR},
-    "rom": {},  # the shipped default: interpolative factors; embedding's share of the cut chosen with N
-    "rom-quality": {"prefer": "quality"},  # the default before --prefer speed: every linear cut, however slightly
+    "rom": {},  # the shipped default: joint groups; embedding's share of the cut chosen with N
+    "rom-quality": {"prefer": "quality"},  # every linear cut, however slightly (the default before --prefer speed)
+    "rom-separate": {"factors": "interpolative"},  # the default before joint groups: each linear alone
+    "rom-quality-separate": {"prefer": "quality", "factors": "interpolative"},  # rom-quality, each linear alone
     "rom-pair": PAIR,  # the default before the interpolative form: embedding planned with N, factor pairs
     "rom-interp": {"factors": "interpolative"},  # rom-blocks' blocks and ranks' budget, interpolative factors
     "rom-uncentred": {"centered": False, **PAIR},  # the paper's own form
@@ -82,7 +84,7 @@ def same_blocks(variant):
     """Whether the variant compresses the blocks the reference variant chose, with the embedding dense
     (else it has its own policy: the default rom, rom-pair and rom-interp-sparse, which plan the embedding with the
     blocks, included)."""
-    planned = ("rom", "rom-quality", "rom-pair", "rom-interp-sparse")
+    planned = ("rom", "rom-quality", "rom-separate", "rom-quality-separate", "rom-pair", "rom-interp-sparse")
     return variant not in planned and not {"last_blocks", "policy"} & set(VARIANTS[variant])
 
 

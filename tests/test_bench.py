@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -84,7 +85,8 @@ def test_benchmark_smoke(tiny_folder, tmp_path, capsys):
     rom = json.loads((runs / f"{name}_0.9_rom.json").read_text())
     ppl = rom["eval"]["perplexity"]["model"]
     assert "old" not in head and head.endswith("after\n") and f"| {name} | " in head and f"| {ppl:.2f} |" in head
-    assert "MB (0.90x)" in head  # bytes against dense beside quality; speed where the row measured it
+    kept = rom["totals"]["kept_fraction"]  # bytes against dense beside quality; speed where the row measured it
+    assert re.search(r"\| [\d.]+ MB \(0\.(89|90)x\) \|", head) and 0.89 < kept <= 0.9
 
 
 def test_headline_takes_speed_from_the_speed_benchmark_and_marks_old_plans(tmp_path):
@@ -97,9 +99,12 @@ def test_headline_takes_speed_from_the_speed_benchmark_and_marks_old_plans(tmp_p
     (tmp_path / "m_eager.json").write_text(json.dumps({"model": "m", "rows": {"0.8 rom": {
         "budget": 0.8, "variant": "rom", "speed_vs_dense": {"prefill": 1.234, "decode batch 1": 1.111}}}}))
     report = bench_module("report")
-    text = report.headline_table({"m": [row(0.8, {"prefer": "speed"}), row(0.7, {})]}, speed_dir=tmp_path)
+    text = report.headline_table({"m": [row(0.8, {"prefer": "speed", "factors": "joint"}), row(0.7, {}),
+                                        row(0.9, {"prefer": "speed", "factors": "interpolative"})]},
+                                 speed_dir=tmp_path)
     assert "| m | 0.80 | 10.00 | - | 20.00 | - | 80.0 MB (0.80x) | 1.23 | 1.11 |" in text
     assert "| m † | 0.70 |" in text and "not measured | not measured |" in text and "† planned before" in text
+    assert "| m ‡ | 0.90 |" in text and "‡ the default's plan, but each linear factorized alone" in text
 
 
 def test_benchmark_refuses_evaluating_on_the_calibration_text():
@@ -379,6 +384,7 @@ def test_7b_shaped_speed_benchmark_smoke(tmp_path, monkeypatch):
     r = json.loads((tmp_path / "llama7b-shaped_2of32_0.8_quality.json").read_text())
     assert r["parameters"]["compressed"] <= 0.8 * r["parameters"]["dense"]
     assert r["plan"]["factorized_linears"] == 14 and r["bytes"]["compressed"] < r["bytes"]["dense"]
+    assert r["plan"]["joint_groups"] == 2 * 2  # q/k/v and gate/up of both blocks, the default form
     assert set(r["speed_vs_dense"]) == {"prefill", "decode batch 1", "decode batch 8"}
 
 
@@ -388,8 +394,8 @@ def test_7b_shaped_speed_benchmark_follows_the_speed_limits(tmp_path, monkeypatc
     monkeypatch.setattr("llmrom.plan.choose.speed_limits",
                         lambda shapes, *a, **k: {s.name: (0.9, 0.0) for s in shapes})
     bench_module("speed_7b").main(["--layers", "2", "--shape", "64,160,4,256", "--budget", "0.8", "--rounds", "1",
-                                   "--new-tokens", "2", "--results", str(tmp_path)])
-    r = json.loads((tmp_path / "llama7b-shaped_2of32_0.8_speed.json").read_text())
+                                   "--new-tokens", "2", "--results", str(tmp_path), "--factors", "interpolative"])
+    r = json.loads((tmp_path / "llama7b-shaped_2of32_0.8_speed_interpolative.json").read_text())
     assert r["parameters"]["compressed"] <= 0.8 * r["parameters"]["dense"]
     assert r["plan"]["interpolative_linears"] == 0 and r["plan"]["factorized_linears"] == 14
     assert r["plan"]["max_kept_by_shape"]["64x160"] == {"pair": 0.9, "interpolative": 0.0}

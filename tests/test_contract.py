@@ -12,7 +12,7 @@ from llmrom.modeling import arch
 from llmrom.modeling.arch import SPECS, find_blocks, layout_for, trace_groups
 from llmrom.loop.capture import block0_input, record_calls, run_block
 from llmrom.config import CompressConfig
-from llmrom.modeling.factorized import FactorizedLinear
+from llmrom.modeling.factorized import FactorizedLinear, compressed_linears
 
 from conftest import TinyTokenizer, calib_tokens, tiny_model
 
@@ -131,7 +131,7 @@ def test_dense_export_loads_without_llmrom(family, tmp_path):
 
 def test_every_module_error_is_reported(family):
     model, report, _ = compress_tiny(family)
-    factorized = {n for n, m in model.named_modules() if isinstance(m, FactorizedLinear)}
+    factorized = set(compressed_linears(model))
     rows = {r["name"]: r for r in report["modules"]}
     assert factorized == {n for n, r in rows.items() if r["rank"] is not None}
     for n in factorized:

@@ -49,7 +49,7 @@ def test_correction_starts_where_compression_starts_and_is_exact_there():
     for name, same in (("q_proj", True), ("v_proj", True), ("o_proj", False)):
         a = plain.get_submodule(f"model.layers.1.self_attn.{name}")
         b = corrected.get_submodule(f"model.layers.1.self_attn.{name}")
-        wa, wb = a.second.weight @ a.first.weight, b.second.weight @ b.first.weight
+        wa, wb = a.weight, b.weight  # merged factors (a joint group's member: its rows of the stacked map)
         assert torch.allclose(wa, wb, atol=1e-5) == same, name
     assert not isinstance(corrected.model.layers[0].self_attn.q_proj, type(corrected.model.layers[1].self_attn.q_proj))
 

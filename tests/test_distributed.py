@@ -47,7 +47,8 @@ def _run(args, cwd, timeout=600):
 
 @pytest.mark.parametrize("family,options", [
     ("llama", {"budget": 0.8}),  # automatic plan with the tied embedding factorized: counts, head moment
-    ("qwen2", {"budget": 0.7, "correct": True, "last_blocks": 2, "embedding_budget": 1.0}),  # CrossMoments
+    # CrossMoments, and joint groups (the plan's joint members broadcast with it)
+    ("qwen2", {"budget": 0.7, "correct": True, "last_blocks": 2, "embedding_budget": 1.0, "factors": "joint"}),
     ("gemma3", {"budget": 0.8, "sequential": False, "last_blocks": 2, "embedding_budget": 1.0}),
 ])
 def test_two_gloo_processes_match_one(family, options, tmp_path):

@@ -224,3 +224,24 @@ def test_cli_heals_a_folder_that_both_loaders_read(compressed, tok, texts, tmp_p
     assert not list(tmp_path.glob(".healed.*"))  # checkpoints and partial folders are cleaned up
     code = cli.main([str(a) for a in common + ["--eval", "none"]])
     assert code == 2 and "already exists" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("mode", ["factors", "lora"])
+def test_joint_groups_heal_and_keep_sharing_one_basis(tok, texts, mode):
+    """--factors joint: healing trains each group's shared factors (LoRA on them merges back exactly); the
+    groups stay joint and the parameter count stays."""
+    from llmrom.modeling.factorized import JointFactorizedLinear, JointPart
+    model, _ = llmrom.compress(tiny_model("llama"), tok, CompressConfig(
+        last_blocks=2, module_budget=0.5, nsamples=8, seqlen=16, factors="joint"), tokens=calib_tokens(),
+        progress=False)
+    joint = [n for n, m in model.named_modules() if isinstance(m, JointFactorizedLinear)]
+    assert len(joint) == 4
+    before, size = params_of(model), count_params(model)
+    ev = eval_windows(tok, texts[0], 32, 2)
+    rec = heal(model, tok, texts[0], HealConfig(mode=mode, lr=1e-4, **FAST), eval_windows=ev, progress=False)
+    after = params_of(model)
+    assert rec["parameters"] == count_params(model) == size and after.keys() == before.keys()
+    assert any(not torch.equal(after[f"{n}.stacked.first.weight"], before[f"{n}.stacked.first.weight"]) for n in joint)
+    parts = [m for m in model.modules() if isinstance(m, JointPart)]
+    assert len(parts) == 2 * (2 + 1)  # per block: k and v of q's group, up of gate's
+    assert {id(p.joint) for p in parts} == {id(model.get_submodule(n)) for n in joint}  # still the model's groups

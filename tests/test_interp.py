@@ -120,12 +120,13 @@ def test_interpolative_model_equals_the_pair_at_the_same_ranks(family_name, tmp_
 
 
 @pytest.mark.parametrize("family_name", ["llama", "gemma3"])
-def test_default_form_meets_the_budget_and_round_trips(family_name, tmp_path):
-    """By default the factors are interpolative: the budget holds exactly as planned, the folder is format 4, and it
-    loads with llmrom, with plain transformers (remote code) and as a dense export, all alike."""
+def test_interpolative_form_meets_the_budget_and_round_trips(family_name, tmp_path):
+    """Interpolative factors: the budget holds exactly as planned, the folder is format 4, and it loads with
+    llmrom, with plain transformers (remote code) and as a dense export, all alike."""
     model = tiny_model(family_name)
     total = count_params(model)
-    cfg = CompressConfig(budget=0.85, last_blocks=1, centered=False, nsamples=12, seqlen=16, batch_size=4)
+    cfg = CompressConfig(budget=0.85, last_blocks=1, centered=False, nsamples=12, seqlen=16, batch_size=4,
+                         factors="interpolative")
     model, report = llmrom.compress(model, TinyTokenizer(), cfg, tokens=calib_tokens(), progress=False)
     assert report["totals"]["parameters_after"] == count_params(model) <= 0.85 * total
     assert sum(r["params_after"] for r in report["modules"]) + total - sum(
@@ -164,7 +165,7 @@ def test_interpolative_form_beats_the_pair_at_equal_budget():
     assert kl["interpolative"] < 0.7 * kl["pair"]
 
 
-def test_interpolative_is_the_default_and_a_bad_form_is_refused():
-    assert CompressConfig(budget=0.5).factors == "interpolative"
-    with pytest.raises(LlmromError, match="--factors must be one of interpolative, pair"):
+def test_joint_is_the_default_and_a_bad_form_is_refused():
+    assert CompressConfig(budget=0.5).factors == "joint"
+    with pytest.raises(LlmromError, match="--factors must be one of interpolative, pair, joint"):
         CompressConfig(budget=0.5, factors="triple")

@@ -52,6 +52,22 @@ def test_measurement_is_cached_per_machine_and_reused(tmp_path, monkeypatch):
         speed_limits(shapes, "fast")
 
 
+@pytest.mark.measured_latency
+def test_joint_groups_are_measured_as_groups_and_limit_their_members(tmp_path, monkeypatch):
+    """--factors joint: a grouped linear's limit is its group's joint form against the dense group (cached
+    under the group's shape); the single linears keep their own forms' limits."""
+    monkeypatch.setenv("LLMROM_CACHE", str(tmp_path))
+    shapes = [LinearShape("q", 0, 48, 32), LinearShape("k", 0, 48, 16), LinearShape("o", 0, 32, 48)]
+    groups = {"q": (48, (32, 16)), "k": (48, (32, 16))}
+    limits = speed_limits(shapes, "speed", groups=groups)
+    (key, entries), = json.loads((tmp_path / latency.CACHE_NAME).read_text()).items()
+    assert set(entries) == {"48x32+16", "32x48"} and set(entries["48x32+16"]["lines"]) == {"joint"}
+    assert limits["q"] == limits["k"] and limits["q"][0] == limits["q"][1]
+    joint = latency.measure_groups({(48, (32, 16))}, progress=False)[48, (32, 16)]
+    assert limits["q"][0] == joint.max_kept("joint", 48 * 48)
+    assert limits["o"] == speed_limits(shapes[2:], "speed")["o"]
+
+
 def _shapes(limit_kv):
     """Two blocks of a GQA-like layout: q 64x64, k 64x16 (limit `limit_kv`), mlp 64x128 and 128x64."""
     out = []
@@ -81,6 +97,7 @@ def _compress(monkeypatch, limit, budget=0.8, **cfg):
                             s.name: (limit(s), limit(s)) for s in shapes})
     model = tiny_model("llama")
     total = count_params(model)
+    cfg = {"factors": "interpolative", **cfg}  # each linear alone: its own form's limit (joint groups: below)
     config = CompressConfig(budget=budget, nsamples=12, seqlen=16, plan_trials=0, **cfg)
     model, report = api.compress(model, TinyTokenizer(), config, progress=False, tokens=calib_tokens())
     return model, report, total
@@ -154,7 +171,8 @@ def test_fallen_back_pairs_are_stored_as_pairs_and_the_budget_holds(monkeypatch)
     monkeypatch.setattr("llmrom.plan.choose.speed_limits", lambda shapes, prefer, *a, **k: {
         s.name: (0.95, 0.3 if s.name.endswith("q_proj") else 0.95) for s in shapes})
     model = tiny_model("llama")
-    config = CompressConfig(budget=0.8, nsamples=12, seqlen=16, plan_trials=0, embedding_budget=1.0, last_blocks=2)
+    config = CompressConfig(budget=0.8, nsamples=12, seqlen=16, plan_trials=0, embedding_budget=1.0, last_blocks=2,
+                            factors="interpolative")
     model, report = api.compress(model, TinyTokenizer(), config, progress=False, tokens=calib_tokens())
     pairs = set(report["plan"]["pair_modules"])
     assert pairs == {n for n, m in model.named_modules() if isinstance(m, FactorizedLinear) and n.endswith("q_proj")}
@@ -175,3 +193,42 @@ def test_every_form_compiles_as_one_graph_with_the_same_output(interp):
             p.normal_()
         x = torch.randn(2, 3, 24)
         torch.testing.assert_close(torch.compile(m, fullgraph=True)(x), m(x))
+
+
+def test_joint_groups_compile_as_one_graph_with_the_same_output():
+    """A joint group's members, called in turn on one tensor as attention calls them, compile without graph
+    breaks (the kept product is an attribute the compiled graph writes and reads) and compute the same."""
+    from llmrom.modeling.factorized import joint_modules
+    torch.manual_seed(0)
+    root = torch.nn.Module()
+    for n, d_out in (("q", 24), ("k", 8), ("v", 8)):
+        root.add_module(n, torch.nn.Linear(24, d_out))
+    joint = joint_modules(root, ["q", "k", "v"], [24, 8, 8], 12, True, interp="in")
+    with torch.no_grad():
+        for p in joint.parameters():
+            p.normal_()
+        x = torch.randn(2, 3, 24)
+
+        def attention_inputs(h):
+            return root.q(h), root.k(h), root.v(h)
+
+        for got, want in zip(torch.compile(attention_inputs, fullgraph=True)(x), attention_inputs(x)):
+            torch.testing.assert_close(got, want)
+    assert joint._last is None
+
+
+def test_speed_plan_with_joint_groups_uses_the_groups_limit(monkeypatch):
+    """--factors joint (the default) with --prefer speed: the members of q/k/v and gate/up take the limit their
+    group's joint form was measured at; the report names it by the group's shape."""
+    monkeypatch.setattr("llmrom.plan.choose.speed_limits", lambda shapes, prefer, dtype, device, progress, groups: {
+        s.name: ((0.9, 0.9) if s.name in (groups or {}) else (0.0, 0.0)) for s in shapes})
+    model = tiny_model("llama")
+    total = count_params(model)
+    config = CompressConfig(budget=0.85, nsamples=12, seqlen=16, plan_trials=0, embedding_budget=1.0, last_blocks=2)
+    model, report = api.compress(model, TinyTokenizer(), config, progress=False, tokens=calib_tokens())
+    assert not any(isinstance(m, FactorizedLinear) and not n.endswith(".stacked") for n, m in model.named_modules())
+    assert len(report["plan"]["joint_modules"]) == 2 * 5 and count_params(model) <= 0.85 * total
+    assert report["plan"]["speed_limits"]["max_kept_by_shape"] == {
+        "64x64+32+32 (joint)": {"pair": 0.9, "interpolative": 0.9}, "64x128+128 (joint)": {"pair": 0.9,
+                                                                                        "interpolative": 0.9},
+        "64x64": {"pair": 0.0, "interpolative": 0.0}, "128x64": {"pair": 0.0, "interpolative": 0.0}}

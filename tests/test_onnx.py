@@ -24,7 +24,7 @@ def compressed(family, factors="interpolative"):
     return llmrom.compress(tiny_model(family), None, cfg, progress=False, tokens=calib_tokens())[0]
 
 
-@pytest.mark.parametrize("family,factors", [("llama", "interpolative"), ("gemma3", "pair")])
+@pytest.mark.parametrize("family,factors", [("llama", "interpolative"), ("gemma3", "pair"), ("qwen2", "joint")])
 def test_export_computes_the_same_model_with_kv_cache(tmp_path, family, factors):
     model = compressed(family, factors)
     manifest = export_onnx(model, None, tmp_path / "onnx", progress=lambda line: None)

@@ -51,7 +51,7 @@ def test_unreachable_budget_is_refused():
 def test_policies_compress_a_model_within_budget(policy):
     dense = tiny_model("qwen2")
     total = sum(p.numel() for p in dense.parameters())
-    cfg = CompressConfig(budget=0.85, policy=policy, nsamples=8, seqlen=16)
+    cfg = CompressConfig(budget=0.85, policy=policy, nsamples=8, seqlen=16, factors="interpolative")
     model, report = llmrom.compress(copy.deepcopy(dense), TinyTokenizer(), cfg, tokens=calib_tokens(), progress=False)
     kept = report["totals"]["parameters_after"]
     assert kept <= 0.85 * total and kept == count_params(model)
@@ -67,7 +67,8 @@ def test_global_policy_is_data_aware():
     plans = []
     for tokens in (calib_tokens(seed=0), torch.full((12, 16), 7) + torch.arange(16) % 3):
         _, report = llmrom.compress(copy.deepcopy(dense), TinyTokenizer(),
-                                    CompressConfig(budget=0.85, policy="global", nsamples=8, seqlen=16),
+                                    CompressConfig(budget=0.85, policy="global", nsamples=8, seqlen=16,
+                                                   factors="interpolative"),
                                     tokens=tokens, progress=False)
         plans.append({m["name"]: m["rank"] for m in report["modules"]})
     assert plans[0] != plans[1]
@@ -100,7 +101,8 @@ def test_profiling_holds_one_block_of_statistics(monkeypatch, where, policy):
                                                                    real_eigh(w, s, **kw))[1])
     dense = tiny_model("llama")
     _, report = llmrom.compress(copy.deepcopy(dense), TinyTokenizer(),
-                                CompressConfig(budget=0.85, policy=policy, nsamples=8, seqlen=16),
+                                CompressConfig(budget=0.85, policy=policy, nsamples=8, seqlen=16,
+                                               factors="interpolative"),
                                 tokens=calib_tokens(), progress=False)
     n_blocks, groups = len(dense.model.layers), 4  # q/k/v, o, gate/up, down
     assert len(seen) >= 7 and max(seen) <= groups  # never two blocks' moments at once
@@ -181,7 +183,7 @@ def test_loss_policy_meets_the_budget_with_one_module_budget_per_block(monkeypat
         monkeypatch.setattr(autoplan, "feasible_last_n", lambda *a: [])
     dense = tiny_model("qwen2")
     total = sum(p.numel() for p in dense.parameters())
-    cfg = CompressConfig(budget=0.8, policy="loss", nsamples=12, seqlen=16)
+    cfg = CompressConfig(budget=0.8, policy="loss", nsamples=12, seqlen=16, factors="interpolative")
     model, report = llmrom.compress(copy.deepcopy(dense), TinyTokenizer(), cfg, tokens=calib_tokens(n=40),
                                     progress=False)
     plan = report["plan"]

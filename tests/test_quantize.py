@@ -20,16 +20,17 @@ pytest.importorskip("torchao")
 FAST = ["--nsamples", "8", "--seqlen", "32", "--batch-size", "4", "--calib", "pydoc"]
 
 
-def compressed(quantize="int8", group=None):
+def compressed(quantize="int8", group=None, factors="interpolative"):
     tokens = calib_tokens()
-    cfg = CompressConfig(budget=0.8, batch_size=4, quantize=quantize, quant_group_size=group, save_dtype="bfloat16")
+    cfg = CompressConfig(budget=0.8, batch_size=4, quantize=quantize, quant_group_size=group, save_dtype="bfloat16",
+                         factors=factors)
     model, report = llmrom.compress(tiny_model("llama"), None, cfg, progress=False, tokens=tokens)
     return model, report, tokens
 
 
-@pytest.mark.parametrize("group", [None, 32])
-def test_int8_folder_is_smaller_and_reloads_with_identical_logits(tmp_path, group):
-    model, report, tokens = compressed(group=group)
+@pytest.mark.parametrize("group,factors", [(None, "interpolative"), (32, "interpolative"), (None, "joint")])
+def test_int8_folder_is_smaller_and_reloads_with_identical_logits(tmp_path, group, factors):
+    model, report, tokens = compressed(group=group, factors=factors)
     bf16 = llmrom.save(model, None, tmp_path / "bf16", {**report, "config": {**report["config"], "quantize": "none"}})
     out = llmrom.save(model, None, tmp_path / "int8", report)  # casts to bfloat16, quantizes in place
     with torch.no_grad():

@@ -57,7 +57,8 @@ def spiky_model(family, seed=0):
 def compress_tiny(family, **cfg):
     model = spiky_model(family)
     tokens = calib_tokens()
-    config = CompressConfig(**{"nsamples": len(tokens), "seqlen": tokens.shape[1], "batch_size": 5, **cfg})
+    config = CompressConfig(**{"nsamples": len(tokens), "seqlen": tokens.shape[1], "batch_size": 5,
+                               "factors": "interpolative", **cfg})  # each linear alone, as --sparse stores them
     model, report = llmrom.compress(model, TinyTokenizer(), config, progress=False, tokens=tokens)
     return model, report, tokens
 
@@ -298,8 +299,8 @@ def test_without_sparse_the_folder_stays_format_1(tmp_path):
 
 
 def test_unknown_format_is_refused():
-    with pytest.raises(ValueError, match="format_version 5"):
-        apply_factorization(tiny_model("llama"), {"format_version": 5, "modules": {}})
+    with pytest.raises(ValueError, match="format_version 6"):
+        apply_factorization(tiny_model("llama"), {"format_version": 6, "modules": {}})
 
 
 def test_streaming_equals_in_memory_with_sparse(tmp_path):

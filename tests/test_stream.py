@@ -348,3 +348,25 @@ def test_resumed_automatic_plan_is_not_planned_again(tmp_path, monkeypatch):
     assert len(passes) == 1 and report["plan"]["auto"]["proxy"] == "StreamedProxy"
     assert report["seconds"]["plan"] > 0  # the first session's planning time
     same_folder(tmp_path / "whole", tmp_path / "out")
+
+
+@pytest.mark.parametrize("export_dense", [False, True])
+def test_streamed_joint_groups_resume_and_equal_the_in_memory_run(export_dense, tmp_path):
+    """--stream --factors joint: the joint groups are kept in the journal, so a run stopped after one block
+    and resumed writes the in-memory run's folder (factorized, or merged back with --export dense)."""
+    folder = sharded("llama", tmp_path / "src")
+    tokens = calib_tokens()
+    config = CompressConfig(**CFG, factors="joint", centered=not export_dense)
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+    model, report = llmrom.compress(model, None, config, progress=False, tokens=tokens)
+    assert report["plan"]["joint_modules"]
+    llmrom.save(model, None, tmp_path / "in-memory", report, export_dense=export_dense, dtype=stored_dtype(folder))
+    assert compress_streaming(folder, tmp_path / "out", config, tokens=tokens, progress=False, max_blocks=1,
+                              export_dense=export_dense) is None
+    compress_streaming(folder, tmp_path / "out", config, tokens=tokens, progress=False, resume=True,
+                       export_dense=export_dense)
+    assert sorted(tensors(tmp_path / "out")) == sorted(tensors(tmp_path / "in-memory"))
+    load = (lambda d: transformers.AutoModelForCausalLM.from_pretrained(d).eval()) if export_dense else \
+        (lambda d: llmrom.load(d)[0])
+    with torch.no_grad():
+        assert torch.equal(load(tmp_path / "out")(tokens).logits, load(tmp_path / "in-memory")(tokens).logits)

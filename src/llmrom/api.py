@@ -12,7 +12,7 @@ from .loop import distributed
 from .loop.pipeline import compress_blocks
 from .loop.report import build_report, loop_floor, time_split
 from .modeling.arch import layout_for
-from .modeling.factorized import FactorizedLinear
+from .modeling.factorized import FactorizedLinear, JointFactorizedLinear
 from .export.quantize import quantize
 from .modeling.io import (DTYPES, factorization_meta, load, save as _save_folder,  # noqa: F401  (load is public)
                           save_dtype_for)
@@ -34,7 +34,7 @@ def compress(model, tokenizer, config: CompressConfig, progress=True, tokens=Non
     compressed model.
     """
     t0 = time.perf_counter()
-    if any(isinstance(m, FactorizedLinear) for m in model.modules()) or is_factorized(model):
+    if any(isinstance(m, (FactorizedLinear, JointFactorizedLinear)) for m in model.modules()) or is_factorized(model):
         raise LlmromError("this model is already compressed by llmrom; compress the original (dense) model "
                           "with the lower budget instead")
     layout = layout_for(model)
@@ -50,7 +50,7 @@ def compress(model, tokenizer, config: CompressConfig, progress=True, tokens=Non
     plan, emb_rank, plan_info = distributed.on_rank0(
         lambda: choose_plan(model, layout, shapes, before["parameters"], tokens, config, opts))
     seconds["plan"] = round(time.perf_counter() - t, 3)
-    opts = dataclasses.replace(opts, pair_modules=frozenset(plan_info.get("pair_modules", ())), distributed=parallel)
+    opts = dataclasses.replace(opts.for_plan(plan_info), distributed=parallel)
     share = distributed.shard(tokens)
     t = time.perf_counter()
     if emb_rank is not None:  # first, so that every block is calibrated on the factorized embedding's outputs

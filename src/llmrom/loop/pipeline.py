@@ -22,6 +22,7 @@ feed methods.rom_corrected. At the end of the block each stream runs its own blo
 
 import contextlib
 import copy
+import dataclasses
 import logging
 import time
 from dataclasses import asdict, dataclass
@@ -35,7 +36,7 @@ from ..modeling.arch import trace_groups, weight_matrix
 from .capture import StopForward, block0_input, record_calls, run_block, to_device
 from ..eval.cost import return_free_memory
 from ..errors import LlmromError, NonFiniteError
-from ..modeling.factorized import FactorizedLinear, replace_module
+from ..modeling.factorized import FactorizedLinear, joint_modules, replace_module
 from ..factor.interp import interpolative, side_for
 from ..factor.methods import METHODS, rom_corrected, rom_from_outputs
 from ..plan.ranks import LinearShape
@@ -96,10 +97,16 @@ class LoopOptions:
     sparse_modules: str = "all"  # lean: no sparse part where rom fits from output statistics (CompressConfig)
     interp: bool = False  # store the factors in the interpolative form (llmrom.factor.interp; CompressConfig.factors)
     pair_modules: frozenset = frozenset()  # with interp: linears stored as pairs, the only fast form at their rank
+    joint_modules: frozenset = frozenset()  # linears fitted with their group through one basis (--factors joint)
     distributed: bool = False  # sum every moment across the torch.distributed ranks (llmrom.loop.distributed)
 
     def __post_init__(self):
         check_correction(self.correct, self.sequential, self.method, self.sparse)
+
+    def for_plan(self, plan_info):
+        """These options with the forms the plan chose per linear (pair_modules, joint_modules)."""
+        return dataclasses.replace(self, pair_modules=frozenset(plan_info.get("pair_modules", ())),
+                                   joint_modules=frozenset(plan_info.get("joint_modules", ())))
 
     @property
     def outputs_streamable(self):
@@ -176,16 +183,13 @@ def compress_block(block, prefix, i, groups, calls, hidden, plan, opts, timings=
                 else:
                     method, moments = rom_corrected, _collect_joint(block, dense_block, group[0], hidden, dense,
                                                                     forward, dense_forward, timings, opts.distributed)
-                for n in group:
-                    records.append(_compress_one(block, prefix, n, method, moments, plan, opts, timings))
+                records += _compress_group(block, prefix, group, method, moments, plan, opts, timings)
         elif any(todo):
-            wanted = [n for g in todo for n in g[:1]]
-            shared = {n: g[0] for g in todo for n in g}
-            moments = _collect(block, wanted, hidden, forward, stop=False, outputs=i, timings=timings,
-                               reduce=opts.distributed)
-            for n in shared:
-                records.append(_compress_one(block, prefix, n, METHODS[opts.method], moments[shared[n]], plan, opts,
-                                             timings))
+            moments = _collect(block, [g[0] for g in todo if g], hidden, forward, stop=False, outputs=i,
+                               timings=timings, reduce=opts.distributed)
+            for group in (g for g in todo if g):
+                records += _compress_group(block, prefix, group, METHODS[opts.method], moments[group[0]], plan,
+                                           opts, timings)
         if opts.sequential or not any(todo):
             if mid is not None:
                 _check_half(forward(hidden[0]), half_forward(mid[0]), i, half)
@@ -387,6 +391,60 @@ def _collect_joint(block, dense_block, name, hidden, dense, forward, dense_forwa
     return distributed.sum_moments(moments[0]) if reduce else moments[0]
 
 
+def _compress_group(block, prefix, group, method, moments, plan, opts, timings):
+    """ModuleRecords of the group's planned linears, factorized from the moments of their shared input: through
+    one shared basis when the plan made them a joint group (LoopOptions.joint_modules), else one by one."""
+    if len(group) > 1 and all(prefix + n in opts.joint_modules for n in group):
+        t0 = time.perf_counter()
+        try:
+            return _factorize_joint(block, prefix, group, method, moments, plan, opts, t0)
+        finally:
+            timings["factorize"] = timings.get("factorize", 0.0) + time.perf_counter() - t0
+    return [_compress_one(block, prefix, n, method, moments, plan, opts, timings) for n in group]
+
+
+def _factorize_joint(block, prefix, group, method, moments, plan, opts, t0):
+    """Factorize the linears `group` (which read the same input) as one stacked map [W_1; ...; W_k] through
+    one rank-r basis, and swap in a JointFactorizedLinear and its parts (llmrom.modeling.factorized)."""
+    names = [prefix + n for n in group]
+    moments.check_finite(names[0])
+    mods = [block.get_submodule(n) for n in group]
+    ws = [weight_matrix(m).detach() for m in mods]
+    w = torch.cat(ws)
+    if not torch.isfinite(w).all():
+        raise NonFiniteError(f"non-finite weights in {' / '.join(names)}: the checkpoint is damaged or overflowed "
+                             "on loading")
+    biases = [m.bias for m in mods]
+    bias = None if all(b is None for b in biases) else torch.cat(
+        [b.detach() if b is not None else x.new_zeros(x.shape[0]) for b, x in zip(biases, ws)])
+    rank = plan[names[0]]
+    try:
+        f = method(w, bias, moments, rank, opts.centered)
+    except NonFiniteError as e:
+        raise NonFiniteError(f"{' / '.join(names)}: {e}") from None
+    sizes = [x.shape[0] for x in ws]
+    stacked = LinearShape.of(names[0], -1, w, bias is not None, opts.centered, interp=opts.interp)
+    interp = side_for(stacked.d_in, stacked.d_out) if stacked.uses_interp(rank) else None
+    joint = joint_modules(block, group, sizes, rank, f.bias is not None, dtype=w.dtype, device=w.device,
+                          interp=interp)
+    _load_factors(joint.stacked, f, " / ".join(names))
+    curve = explained_curve(f.spectrum, min(w.shape))
+    seconds = (time.perf_counter() - t0) / len(group)
+    # the stacked map's stored numbers (indices and bias included), shared out in proportion to the members'
+    # outputs (the first member takes the rounding), so each record keeps its group's kept fraction
+    stored = stacked.factor_params(rank) - stacked.added_bias + (sum(sizes) if f.bias is not None else 0)
+    later = [stored * n // sum(sizes) for n in sizes[1:]]
+    records = []
+    for i, (name, x, b) in enumerate(zip(names, ws, biases)):
+        d_out, d_in = x.shape
+        after = stored - sum(later) if i == 0 else later[i - 1]
+        records.append(ModuleRecord(name, d_in, d_out, rank, d_out * d_in + (d_out if b is not None else 0), after,
+                                    f.explained, f.relative_error, seconds,
+                                    note=f"joint with {', '.join(n for n in group if n != group[i])}: one shared "
+                                         f"rank-{rank} basis (stored with {group[0]})", explained_curve=curve))
+    return records
+
+
 def _compress_one(block, prefix, name, method, moments, plan, opts, timings):
     t0 = time.perf_counter()
     try:
@@ -425,22 +483,7 @@ def _factorize_into(block, prefix, name, method, moments, plan, opts, t0):
     interp = side_for(shape.d_in, shape.d_out) if shape.uses_interp(low) and full not in opts.pair_modules else None
     new = FactorizedLinear(shape.d_in, shape.d_out, low, f.bias is not None, dtype=w.dtype, device=w.device, nnz=nnz,
                            interp=interp)
-    first, second = f.first, f.second
-    if interp:
-        try:
-            first, second, order = interpolative(f.second, f.first, interp)
-        except torch.linalg.LinAlgError:
-            raise LlmromError(f"{full}: its factors have rank below {low}, so no {low} of their rows or columns "
-                              "form an invertible block for the interpolative form; use --factors pair") from None
-        new.order.copy_(order)
-    new.first.weight.copy_(first)
-    new.second.weight.copy_(second)
-    if f.bias is not None:
-        new.bias.copy_(f.bias)
-    if nnz:
-        new.sparse_values.copy_(f.sparse.values)
-        new.sparse_col.copy_(f.sparse.col)
-        new.sparse_crow.copy_(f.sparse.crow)
+    _load_factors(new, f, full)
     replace_module(block, name, new)
     bias = shape.d_out if module.bias is not None else 0
     params_before = shape.dense_params + bias
@@ -448,6 +491,27 @@ def _factorize_into(block, prefix, name, method, moments, plan, opts, t0):
     return ModuleRecord(full, shape.d_in, shape.d_out, low, params_before, params_after,
                         f.explained, f.relative_error, time.perf_counter() - t0,
                         explained_curve=explained_curve(f.spectrum, min(shape.d_in, shape.d_out)), nnz=nnz)
+
+
+def _load_factors(new, f, name):
+    """Copy the Factors `f` into the empty FactorizedLinear `new`, rewritten in its interpolative form if it has one."""
+    first, second = f.first, f.second
+    if new.interp:
+        try:
+            first, second, order = interpolative(f.second, f.first, new.interp)
+        except torch.linalg.LinAlgError:
+            raise LlmromError(f"{name}: its factors have rank below {new.rank}, so no {new.rank} of their rows or "
+                              "columns form an invertible block for the interpolative form; use --factors pair"
+                              ) from None
+        new.order.copy_(order)
+    new.first.weight.copy_(first)
+    new.second.weight.copy_(second)
+    if f.bias is not None:
+        new.bias.copy_(f.bias)
+    if new.nnz:
+        new.sparse_values.copy_(f.sparse.values)
+        new.sparse_col.copy_(f.sparse.col)
+        new.sparse_crow.copy_(f.sparse.crow)
 
 
 CURVE_FRACTIONS = (0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)

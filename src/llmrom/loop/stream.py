@@ -25,7 +25,6 @@ the journal says the block is done. `--resume` continues from the last finished 
 the same folder as an uninterrupted run. Only the final rename makes the output folder appear.
 """
 
-import dataclasses
 import fcntl
 import hashlib
 import json
@@ -49,7 +48,8 @@ from ..errors import LlmromError
 from ..modeling.factorized import FORMAT_VERSION, apply_factorization
 from .ggufcheckpoint import GgufCheckpoint
 from ..modeling.io import (DTYPES, base_architecture, check_output, factorization_meta, finish_folder,
-                          is_llmrom_folder, merge_into, module_meta, original_skeleton, stored_dtype)
+                          factorized_linears, is_llmrom_folder, joint_meta, merge_into, original_skeleton,
+                          stored_dtype)
 from .checkpoint import Checkpoint, build_skeleton, capture, materialize, release, resident_parameters, tied_names
 from .pipeline import ModuleRecord, compress_block
 from .streamplan import StreamedProxy
@@ -90,8 +90,9 @@ class Partial:
                               "or delete that folder to start over") from None
         self._take_lock()
         self.journal = {"fingerprint": fingerprint, "blocks_done": 0, "hidden": None, "hidden_shapes": None,
-                        "hidden_dtype": None, "groups": None, "records": [], "modules": {}, "weight_map": {},
-                        "total_size": 0, "timings": {}, "wall_seconds": 0.0, "peak_rss_bytes": 0, "sessions": 1}
+                        "hidden_dtype": None, "groups": None, "records": [], "modules": {}, "joint": {},
+                        "weight_map": {}, "total_size": 0, "timings": {}, "wall_seconds": 0.0, "peak_rss_bytes": 0,
+                        "sessions": 1}
         self.commit()
         return self.journal
 
@@ -254,7 +255,7 @@ def compress_streaming(source, out_dir, config, *, resume=False, overwrite=False
     else:
         plan, plan_info = saved
     plan_seconds = round(time.perf_counter() - t, 3)
-    opts = dataclasses.replace(opts, pair_modules=frozenset(plan_info.get("pair_modules", ())))
+    opts = opts.for_plan(plan_info)
     monitor = monitor or (lambda event, model, resident: None)
 
     journal = part.open(_fingerprint(folder, config, tokens, plan, export_dense), resume)
@@ -266,8 +267,8 @@ def compress_streaming(source, out_dir, config, *, resume=False, overwrite=False
         timings = defaultdict(float, journal["timings"])
         records = [ModuleRecord(**r) for r in journal["records"]]
         groups = tuple(tuple(g) for g in journal["groups"]) if journal["groups"] else layout.groups
-        apply_factorization(skeleton, {"format_version": FORMAT_VERSION, "modules": journal["modules"]},
-                            device="meta")
+        apply_factorization(skeleton, {"format_version": FORMAT_VERSION, "modules": journal["modules"],
+                                       "joint": journal.get("joint", {})}, device="meta")
         stop = n if max_blocks is None else min(n, start + max_blocks)
         if start < n:
             t = time.perf_counter()
@@ -347,12 +348,13 @@ def _one_block(skeleton, blocks, i, n, layout, groups, calls, store, plan, opts,
     timings["activations"] += time.perf_counter() - t
     records.extend(done)
     modules = dict(part.journal["modules"])
-    modules.update({r.name: module_meta(block.get_submodule(r.name[len(prefix):])) for r in done if r.rank is not None})
+    modules.update(factorized_linears(block, prefix))
+    joint = {**part.journal.get("joint", {}), **joint_meta(block, prefix)}
     weight_map = dict(part.journal["weight_map"])
     weight_map.update({k: name for k in written})
-    part.commit(blocks_done=i + 1, hidden=hidden, groups=[list(g) for g in groups], records=[r.to_dict() for r in records],
-                modules=modules, weight_map=weight_map, total_size=part.journal["total_size"] + nbytes,
-                timings=dict(timings))
+    part.commit(blocks_done=i + 1, hidden=hidden, groups=[list(g) for g in groups],
+                records=[r.to_dict() for r in records], modules=modules, joint=joint, weight_map=weight_map,
+                total_size=part.journal["total_size"] + nbytes, timings=dict(timings))
     return groups
 
 

@@ -16,6 +16,12 @@ A factorized token embedding adds
 ("head": the output layer tied to it, factorized with it); such a folder is format_version 3.
 A module stored in the interpolative form (llmrom.interp) has "interp": "in" or "out" (the side
 whose identity is not stored); a folder with any such module is format_version 4.
+Linears that read the same input and were factorized through one shared basis (JointFactorizedLinear)
+are listed under
+    "joint": {"model.layers.3.self_attn.q_proj": {"members": ["...q_proj", "...k_proj", "...v_proj"],
+              "sizes": [576, 192, 192], "rank": 380, "bias": true, "interp": "in"}, ...}
+keyed by the first member, which holds the stacked map's factors ("interp" as for a module, absent for
+a pair); such a folder is format_version 5.
 """
 
 import warnings
@@ -28,7 +34,9 @@ FORMAT_VERSION = 1  # low-rank factors only
 SPARSE_FORMAT_VERSION = 2  # some modules add a sparse residual ("nnz" in their metadata)
 EMBEDDING_FORMAT_VERSION = 3  # the token embedding (and its tied head) are factorized ("embedding")
 INTERP_FORMAT_VERSION = 4  # some modules store their factors in the interpolative form ("interp")
-READABLE_VERSIONS = (FORMAT_VERSION, SPARSE_FORMAT_VERSION, EMBEDDING_FORMAT_VERSION, INTERP_FORMAT_VERSION)
+JOINT_FORMAT_VERSION = 5  # some linears that share an input share one basis ("joint")
+READABLE_VERSIONS = (FORMAT_VERSION, SPARSE_FORMAT_VERSION, EMBEDDING_FORMAT_VERSION, INTERP_FORMAT_VERSION,
+                     JOINT_FORMAT_VERSION)
 
 
 def csr_rows(crow, nnz):
@@ -178,6 +186,109 @@ class FactorizedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}{sparse}{form}"
 
 
+class JointFactorizedLinear(nn.Module):
+    """Linears that read the same input (q/k/v, gate/up) through one shared basis: `stacked`, a
+    FactorizedLinear of the stacked map [W_1; ...; W_k] (in any of its forms), gives [y_1; ...; y_k], its
+    basis the top eigenvectors of the stacked outputs' covariance. The group costs one factorized product
+    where its dense linears cost k.
+
+    It stands in place of the group's first linear and returns y_1; the others are JointPart modules
+    that return their slice of the same product. The product made for an input is kept until the
+    group's last member has read its part, so the members called in turn on the very same tensor (as
+    attention and the MLP call them) share one product; a member called on another tensor makes its own.
+    """
+
+    def __init__(self, in_features, sizes, rank, bias, dtype=None, device=None, interp=None):
+        super().__init__()
+        self.in_features, self.sizes, self.rank = in_features, tuple(int(n) for n in sizes), rank
+        self.out_features = self.sizes[0]
+        self.stacked = FactorizedLinear(in_features, sum(self.sizes), rank, bias, dtype=dtype, device=device,
+                                        interp=interp)
+        self._last = None  # (input, its parts) until the last member reads its part
+
+    def products(self, x):
+        """Every member's output for x, as views of one (..., sum of outputs) tensor."""
+        return self.stacked(x).split(self.sizes, -1)
+
+    def forward(self, x):
+        parts = self.products(x)
+        self._last = (x, parts)
+        return parts[0]
+
+    def part(self, index, x):
+        """Member `index`'s output for x: from the kept product when x is the tensor it was made for."""
+        last = self._last
+        if index == len(self.sizes) - 1:
+            self._last = None  # the last member: nothing is kept between calls of the group
+        if last is not None and last[0] is x:
+            return last[1][index]
+        return self.products(x)[index]
+
+    def member_weight(self, index):
+        """Member `index`'s merged (out x in) weight and its bias (or None)."""
+        start = sum(self.sizes[:index])
+        rows = slice(start, start + self.sizes[index])
+        bias = self.stacked.bias
+        return self.stacked.weight[rows], None if bias is None else bias[rows]
+
+    @property
+    def weight(self):
+        return self.member_weight(0)[0]
+
+    @property
+    def bias(self):
+        return self.member_weight(0)[1]
+
+    def extra_repr(self):
+        return f"sizes={list(self.sizes)}, joint"
+
+
+class JointPart(nn.Module):
+    """A member other than the first of a JointFactorizedLinear group: its slice of the group's product.
+    Holds no parameters; the group (a sibling module) is referenced, not registered, so every parameter
+    is stored once, under the first member's name."""
+
+    def __init__(self, joint, index):
+        super().__init__()
+        object.__setattr__(self, "joint", joint)
+        self.index, self.in_features, self.out_features = index, joint.in_features, joint.sizes[index]
+
+    def forward(self, x):
+        return self.joint.part(self.index, x)
+
+    @property
+    def weight(self):
+        return self.joint.member_weight(self.index)[0]
+
+    @property
+    def bias(self):
+        return self.joint.member_weight(self.index)[1]
+
+    def extra_repr(self):
+        return f"in_features={self.in_features}, out_features={self.out_features}, part {self.index} of a joint group"
+
+
+def compressed_linears(model):
+    """Names of the linears of `model` that are factorized: each FactorizedLinear standing for one linear, and
+    every member of a joint group (not the group's stacked map)."""
+    stacked = {id(m.stacked) for m in model.modules() if isinstance(m, JointFactorizedLinear)}
+    return [n for n, m in model.named_modules() if isinstance(m, (JointFactorizedLinear, JointPart))
+            or isinstance(m, FactorizedLinear) and id(m) not in stacked]
+
+
+def joint_modules(root, members, sizes, rank, bias, dtype=None, device=None, interp=None):
+    """Swap the linears `members` (dotted names under `root`) for an empty JointFactorizedLinear in place
+    of the first and JointParts for the others; returns the JointFactorizedLinear."""
+    old = root.get_submodule(members[0])
+    w = old.weight
+    joint = JointFactorizedLinear(_linear_shape(old)[1], sizes, rank, bias, dtype=dtype or w.dtype,
+                                  device=device if device is not None else w.device, interp=interp)
+    replace_module(root, members[0], joint)
+    for i, member in enumerate(members[1:], 1):
+        replace_module(root, member, JointPart(joint, i))
+    return joint
+
+
 class FactorizedEmbedding(nn.Module):
     """Token embedding E ~ A B: `weight` A (vocab x rank) is E P, `up` (dim x rank) is P, the top
     eigenvectors of the embedding's output covariance on the calibration tokens (LLM-ROM applied to
@@ -281,6 +392,9 @@ def apply_factorization(model, meta, dtype=None, device=None):
             interp=spec.get("interp"),
         )
         replace_module(model, name, new)
+    for spec in meta.get("joint", {}).values():
+        joint_modules(model, spec["members"], spec["sizes"], spec["rank"], spec["bias"], dtype, device,
+                      spec.get("interp"))
     if meta.get("embedding"):
         factorize_embedding_modules(model, meta["embedding"], dtype=dtype, device=device)
     return model

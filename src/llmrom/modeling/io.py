@@ -22,8 +22,9 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from . import factorized
 from .card import write_card
 from ..errors import LlmromError
-from .factorized import (EMBEDDING_FORMAT_VERSION, FORMAT_VERSION, INTERP_FORMAT_VERSION, SPARSE_FORMAT_VERSION, FactorizedEmbedding,
-                         FactorizedHead, FactorizedLinear, make_factorized_class)
+from .factorized import (EMBEDDING_FORMAT_VERSION, FORMAT_VERSION, INTERP_FORMAT_VERSION, JOINT_FORMAT_VERSION,
+                         SPARSE_FORMAT_VERSION, FactorizedEmbedding, FactorizedHead, FactorizedLinear,
+                         JointFactorizedLinear, JointPart, make_factorized_class)
 
 log = logging.getLogger(__name__)
 REPORT_NAME = "llmrom_report.json"
@@ -140,6 +141,29 @@ def module_meta(m):
     return spec
 
 
+def joint_meta(model, prefix=""):
+    """{first member: its group's metadata} of every JointFactorizedLinear in `model`, names prefixed."""
+    parts = {}
+    for n, m in model.named_modules(prefix=prefix.rstrip(".")):
+        if isinstance(m, JointPart):
+            parts.setdefault(id(m.joint), {})[m.index] = n
+    joint = {}
+    for n, m in model.named_modules(prefix=prefix.rstrip(".")):
+        if isinstance(m, JointFactorizedLinear):
+            others = parts.get(id(m), {})
+            joint[n] = {"members": [n] + [others[i] for i in range(1, len(m.sizes))], "sizes": list(m.sizes),
+                        **module_meta(m.stacked)}
+    return joint
+
+
+def factorized_linears(model, prefix=""):
+    """{name: module_meta} of the FactorizedLinear modules of `model` (names prefixed) that stand for one
+    linear; the stacked maps of joint groups are in joint_meta."""
+    stacked = {id(m.stacked) for m in model.modules() if isinstance(m, JointFactorizedLinear)}
+    return {n: module_meta(m) for n, m in model.named_modules(prefix=prefix.rstrip("."))
+            if isinstance(m, FactorizedLinear) and id(m) not in stacked}
+
+
 def base_architecture(model):
     """The transformers class name of `model`'s architecture (under a loaded folder's Llmrom* subclass)."""
     base = type(model)
@@ -150,9 +174,9 @@ def base_architecture(model):
 
 def factorization_meta(model, method, centered):
     """`config.llmrom`. The lowest format version that holds what the model has: 1 (low-rank factors),
-    2 (a sparse residual), 3 (a factorized embedding), 4 (interpolative factors), so that folders stay
-    readable by llmrom versions that predate the features they do not use."""
-    modules = {n: module_meta(m) for n, m in model.named_modules() if isinstance(m, FactorizedLinear)}
+    2 (a sparse residual), 3 (a factorized embedding), 4 (interpolative factors), 5 (joint groups), so that
+    folders stay readable by llmrom versions that predate the features they do not use."""
+    modules = factorized_linears(model)
     version = SPARSE_FORMAT_VERSION if any("nnz" in v for v in modules.values()) else FORMAT_VERSION
     meta = {"format_version": version, "method": method, "centered": centered,
             "base_architecture": base_architecture(model), "modules": modules}
@@ -164,6 +188,10 @@ def factorization_meta(model, method, centered):
         meta["format_version"] = EMBEDDING_FORMAT_VERSION
     if any(v.get("interp") for v in modules.values()):
         meta["format_version"] = INTERP_FORMAT_VERSION
+    joint = joint_meta(model)
+    if joint:
+        meta["joint"] = joint
+        meta["format_version"] = JOINT_FORMAT_VERSION
     return meta
 
 
@@ -256,7 +284,7 @@ def dense_state_dict(model, meta):
     """State dict of the original architecture: each factorized module merged back to one weight."""
     skeleton = original_skeleton(model, meta["base_architecture"])
     state = model.state_dict()
-    for name in meta["modules"]:
+    for name in [*meta["modules"], *(n for spec in meta.get("joint", {}).values() for n in spec["members"])]:
         merge_into(state, model, name, skeleton.get_submodule(name))
     if meta.get("embedding"):  # the merged table; a tied head is the same tensor again, as in the original
         spec = meta["embedding"]

@@ -13,10 +13,17 @@ from .autoplan import EMBEDDING_GRID, choose_last_n
 from .embedding import check_embedding_budget, embedding_shape
 from .latency import speed_limits
 from .policies import plan_by_policy
-from .ranks import (LinearShape, check_budget, check_last_blocks, feasible_last_n, kept_params, last_blocks_plan,
-                    module_budget_for, pair_modules, read_ranks_file)
+from .ranks import (LinearShape, check_budget, check_last_blocks, feasible_last_n, joint_groups, joint_plan,
+                    kept_params, last_blocks_plan, module_budget_for, pair_modules, read_ranks_file)
 
 log = logging.getLogger(__name__)
+
+
+def joins_groups(cfg):
+    """Whether a run fits each group of linears that read one input through one basis (--factors joint): not
+    with --sparse (its residual is fitted per linear) nor --ranks-file (the user's ranks are per linear),
+    where each linear is stored alone in the interpolative form."""
+    return cfg.factors == "joint" and not cfg.sparse and not cfg.ranks_file
 
 
 def linear_shapes(model, layout, centered, interp=False):
@@ -36,12 +43,13 @@ def linear_shapes(model, layout, centered, interp=False):
 def planned_shapes(model, layout, cfg, progress=True):
     """linear_shapes for a run's configuration. With --prefer speed and a plan derived from --budget, each
     carries the largest kept fraction at which its factorized form is faster than dense on the run's
-    device (llmrom.plan.latency, measured once per machine); explicit ranks (--ranks-file, --module-budget)
-    are the user's and are left as asked."""
+    device (llmrom.plan.latency, measured once per machine; with --factors joint, a grouped linear's is its
+    group's joint form's); explicit ranks (--ranks-file, --module-budget) are the user's and are left as asked."""
     shapes = linear_shapes(model, layout, cfg.centered, cfg.interpolative)
     if cfg.budget is None or cfg.budget >= 1 or cfg.ranks_file or cfg.module_budget is not None:
         return shapes
-    limits = speed_limits(shapes, cfg.prefer, cfg.dtype, cfg.device, progress)
+    groups = joint_groups(shapes, layout) if joins_groups(cfg) else None
+    limits = speed_limits(shapes, cfg.prefer, cfg.dtype, cfg.device, progress, groups)
     return [dataclasses.replace(s, max_kept=limits[s.name][0], interp_max_kept=limits[s.name][1])
             if s.name in limits else s for s in shapes]
 
@@ -73,6 +81,14 @@ def choose_plan(model, layout, shapes, total, tokens, cfg, opts, make_proxy=None
                     "planned for quality instead (the result may decode slower than dense)", str(e).split(";")[0])
         info["speed_limits"] = {"prefer": cfg.prefer, "relaxed": True, "why": str(e)}
         return plan, emb_rank, info
+
+
+def _shape_key(shape, grouped):
+    """How the report names a shape's speed limit: d_in x d_out, or a joint group's d_in x the sum of its outputs."""
+    if shape.name in grouped:
+        d_in, sizes = grouped[shape.name]
+        return f"{d_in}x{'+'.join(map(str, sizes))} (joint)"
+    return f"{shape.d_in}x{shape.d_out}"
 
 
 def _choose_plan(model, layout, shapes, total, tokens, cfg, opts, make_proxy=None):
@@ -118,7 +134,8 @@ def _choose_plan(model, layout, shapes, total, tokens, cfg, opts, make_proxy=Non
         emb_rank = emb_rank if rank is None else rank
         plan = last_blocks_plan(shapes, n_blocks, last_n, b) if last_n else {}
         info = {"policy": "last-blocks (automatic)", "last_blocks": last_n, "module_budget": b, "auto": auto}
-    limited = {f"{s.d_in}x{s.d_out}": {"pair": round(s.max_kept, 4), **({"interpolative": round(
+    grouped = joint_groups(shapes, layout) if joins_groups(cfg) else {}
+    limited = {_shape_key(s, grouped): {"pair": round(s.max_kept, 4), **({"interpolative": round(
         s.interp_max_kept, 4)} if s.interp else {})} for s in shapes if min(s.max_kept, s.interp_max_kept) < 1}
     if limited:
         info["speed_limits"] = {"prefer": cfg.prefer, "max_kept_by_shape": limited,
@@ -133,4 +150,8 @@ def _choose_plan(model, layout, shapes, total, tokens, cfg, opts, make_proxy=Non
     if cfg.budget is not None and kept > cfg.budget * total:
         raise LlmromError(f"the requested ranks keep {kept / total:.4f} of the parameters, above --budget "
                           f"{cfg.budget:g}; lower --module-budget or the ranks, or raise --budget")
+    if joins_groups(cfg):  # each group's share of the plan spent on one shared basis: never more parameters
+        plan, joint = joint_plan(shapes, layout, plan)
+        if joint:
+            info["joint_modules"] = sorted(joint)
     return plan, emb_rank, info

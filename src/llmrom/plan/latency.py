@@ -26,9 +26,10 @@ from tqdm.auto import tqdm
 from ..errors import LlmromError
 from ..eval.evaluate import cpu_model
 from ..factor.interp import side_for
-from ..modeling.factorized import FactorizedLinear
+from ..modeling.factorized import FactorizedLinear, joint_modules
 from ..modeling.io import write_json_atomic
 from ..modeling.packaged import cache_dir
+from .ranks import LinearShape
 
 FORWARD_VERSION = 3  # bump when FactorizedLinear.forward or the timing changes: cached timings no longer hold
 CACHE_NAME = "latency.json"
@@ -111,14 +112,55 @@ def measure_shape(d_in, d_out, dtype, device):
                                   size))
     x = torch.randn(1, 1, d_in, **kw)
     times = _time_calls(layers, x)
-    lines = {}
-    for form in ("pair", "interpolative"):
-        pts = [(p, t) for (fm, p), t in zip(spec, times[1:]) if fm == form]
-        xs, ys = [p for p, _ in pts], [t for _, t in pts]
-        mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
-        c = sum((a - mx) * (b - my) for a, b in zip(xs, ys)) / max(sum((a - mx) ** 2 for a in xs), 1e-12)
-        lines[form] = (my - c * mx, c)
-    return FormLatency(times[0], lines)
+    return FormLatency(times[0], {form: _line([(p, t) for (fm, p), t in zip(spec, times[1:]) if fm == form])
+                                  for form in ("pair", "interpolative")})
+
+
+def _line(points):
+    """(a, c) of the least-squares line time = a + c * params through (params, time) points."""
+    xs, ys = [p for p, _ in points], [t for _, t in points]
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    c = sum((a - mx) * (b - my) for a, b in zip(xs, ys)) / max(sum((a - mx) ** 2 for a in xs), 1e-12)
+    return my - c * mx, c
+
+
+class _Group(torch.nn.Module):
+    """A group of linears that read the same input, called in turn as attention and the MLP call them."""
+
+    def __init__(self, linears):
+        super().__init__()
+        self.members = torch.nn.ModuleList(linears)
+
+    def forward(self, x):
+        return [m(x) for m in self.members]
+
+
+@torch.no_grad()
+def measure_group(d_in, sizes, dtype, device):
+    """FormLatency of linears (d_in -> each of `sizes`) that read the same input, at batch 1: the dense group
+    against its joint form (llmrom.modeling.factorized.JointFactorizedLinear, its stacked map interpolative
+    where that stores less, as --factors joint stores it), whose line is in "joint"."""
+    device, dtype_t = torch.device(device), getattr(torch, dtype)
+    size = torch.tensor([], dtype=dtype_t).element_size()
+    kw = {"dtype": dtype_t, "device": device}
+    stacked = LinearShape("group", 0, d_in, sum(sizes), interp=True)
+
+    def dense_group():
+        return _Group([torch.nn.Linear(d_in, n, bias=False, **kw) for n in sizes])
+
+    def joint_group(rank):
+        group = dense_group()
+        interp = side_for(d_in, stacked.d_out) if stacked.uses_interp(rank) else None
+        joint_modules(group, [f"members.{i}" for i in range(len(sizes))], sizes, rank, True, interp=interp, **kw)
+        return group
+
+    layers, params = [_copies(dense_group, stacked.dense_params, size)], []
+    for f in FRACTIONS:
+        rank = stacked.paper_rank(f)
+        params.append(stacked.factor_params(rank))
+        layers.append(_copies(lambda: joint_group(rank), params[-1], size))
+    times = _time_calls(layers, torch.randn(1, 1, d_in, **kw))
+    return FormLatency(times[0], {"joint": _line(list(zip(params, times[1:])))})
 
 
 def _read_cache(path):
@@ -130,20 +172,31 @@ def _read_cache(path):
 
 def measure(shapes, dtype="float32", device="cpu", progress=True, cache=True):
     """{(d_in, d_out): FormLatency} for every distinct shape in `shapes`, from the cache where it has them."""
+    return _cached({(s.d_in, s.d_out) for s in shapes}, lambda k: f"{k[0]}x{k[1]}", measure_shape, dtype, device,
+                   progress, cache)
+
+
+def measure_groups(groups, dtype="float32", device="cpu", progress=True, cache=True):
+    """{(d_in, sizes): FormLatency} (its "joint" line) for every distinct group of linears reading one input."""
+    return _cached(set(groups), lambda k: f"{k[0]}x{'+'.join(map(str, k[1]))}", measure_group, dtype, device,
+                   progress, cache)
+
+
+def _cached(items, name_of, measure_one, dtype, device, progress, cache):
+    """{item: FormLatency}, measured by measure_one(*item, dtype, device) where the on-disk cache lacks it."""
     key = _device_key(device, dtype)
     path = cache_dir() / CACHE_NAME
     stored = _read_cache(path) if cache else {}
     entries = stored.get(key, {})
     out, fresh = {}, False
-    for d_in, d_out in tqdm(sorted({(s.d_in, s.d_out) for s in shapes}), desc="latency of factor forms",
-                            disable=not progress, leave=False):
-        name = f"{d_in}x{d_out}"
+    for item in tqdm(sorted(items), desc="latency of factor forms", disable=not progress, leave=False):
+        name = name_of(item)
         if name not in entries:
-            lat = measure_shape(d_in, d_out, dtype, device)
+            lat = measure_one(*item, dtype, device)
             entries[name] = {"dense_us": lat.dense_us, "lines": lat.lines}
             fresh = True
         e = entries[name]
-        out[d_in, d_out] = FormLatency(e["dense_us"], {k: tuple(v) for k, v in e["lines"].items()})
+        out[item] = FormLatency(e["dense_us"], {k: tuple(v) for k, v in e["lines"].items()})
     if cache and fresh:
         stored[key] = entries
         try:
@@ -153,14 +206,24 @@ def measure(shapes, dtype="float32", device="cpu", progress=True, cache=True):
     return out
 
 
-def speed_limits(shapes, prefer, dtype="float32", device="cpu", progress=True):
+def speed_limits(shapes, prefer, dtype="float32", device="cpu", progress=True, groups=None):
     """{module name: (largest kept fraction at which its factor pair is faster than dense, the same for
     the interpolative form)}; empty for `prefer` "quality" (every factorization that stores fewer
-    parameters is allowed)."""
+    parameters is allowed). `groups` ({name: (d_in, sizes)}, --factors joint): linears fitted with their
+    group through one basis get the joint form's limit, a fraction of the whole group's dense parameters."""
     if prefer not in PREFERENCES:
         raise LlmromError(f"--prefer must be one of {', '.join(PREFERENCES)}, got {prefer!r}")
     if prefer == "quality" or not shapes:
         return {}
-    table = measure(shapes, dtype, device, progress)
-    return {s.name: (table[s.d_in, s.d_out].max_kept("pair", s.dense_params),
-                     table[s.d_in, s.d_out].max_kept("interpolative", s.dense_params)) for s in shapes}
+    groups = groups or {}
+    table = measure([s for s in shapes if s.name not in groups], dtype, device, progress)
+    joint = measure_groups(set(groups.values()), dtype, device, progress) if groups else {}
+    limits = {}
+    for s in shapes:
+        if s.name in groups:
+            d_in, sizes = groups[s.name]
+            limits[s.name] = (joint[d_in, sizes].max_kept("joint", d_in * sum(sizes)),) * 2
+        else:
+            lat = table[s.d_in, s.d_out]
+            limits[s.name] = (lat.max_kept("pair", s.dense_params), lat.max_kept("interpolative", s.dense_params))
+    return limits

@@ -118,6 +118,53 @@ def pair_modules(shapes, plan):
                      and dataclasses.replace(s, interp_max_kept=1.0).uses_interp(plan[s.name]))
 
 
+def _groups_of_several(shapes, layout):
+    """The LinearShapes of each block's groups of several linears that read the same input, in block order;
+    none where the groups are traced later (unknown families)."""
+    by_name = {s.name: s for s in shapes}
+    for i in sorted({s.block for s in shapes}):
+        for group in (g for g in layout.groups or () if len(g) > 1):
+            yield [by_name[f"{layout.blocks_path}.{i}.{n}"] for n in group]
+
+
+def joint_groups(shapes, layout):
+    """{name: (d_in, sizes of its group)} of every linear in a group of several that read the same input
+    (the members --factors joint fits through one basis)."""
+    return {m.name: (m.d_in, tuple(x.d_out for x in members))
+            for members in _groups_of_several(shapes, layout) for m in members}
+
+
+def joint_plan(shapes, layout, plan):
+    """(plan, joint members) for --factors joint: each group of linears that read the same input (q/k/v,
+    gate/up) with at least one planned member is fitted as one stacked map through one shared basis
+    (llmrom.modeling.factorized.JointFactorizedLinear), of the largest rank whose factors (in the
+    interpolative form where the run uses it, plus any bias centring adds) fit what the plan gave the
+    group: its planned members' factors and its other members' dense weights. Every member gets that rank
+    in the plan; the budget still holds, as no group stores more than before. Groups the joint rank cannot
+    shrink keep the plan's own forms."""
+    out, joint = dict(plan), set()
+    for members in _groups_of_several(shapes, layout):
+        planned = [s for s in members if s.name in plan and s.worthwhile(plan[s.name])]
+        if not planned:
+            continue
+        given = sum(s.factor_params(plan[s.name]) if s in planned else s.dense_params for s in members)
+        stacked = stacked_shape(members)
+        rank = stacked.paper_rank((given - stacked.added_bias) / stacked.dense_params)
+        if not stacked.factor_params(rank) <= given or not stacked.worthwhile(rank):
+            continue
+        out.update({s.name: rank for s in members})
+        joint.update(s.name for s in members)
+    return out, frozenset(joint)
+
+
+def stacked_shape(members):
+    """The LinearShape of a joint group's stacked map [W_1; ...; W_k] (d_in x the sum of the outputs), in the
+    members' form (interpolative or pair), without speed limits (the plan applied the group's already)."""
+    first = members[0]
+    return LinearShape(first.name, first.block, first.d_in, sum(s.d_out for s in members),
+                       sum(s.added_bias for s in members), interp=first.interp)
+
+
 def kept_params(total, shapes, plan):
     """Whole-model parameters after applying `plan` (unfactorizable entries count as dense)."""
     saved = sum(s.dense_params - s.factor_params(plan[s.name]) for s in shapes
