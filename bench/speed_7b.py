@@ -7,8 +7,8 @@ At 7B sizes a decode step is bound by memory bandwidth: every weight is read onc
 removed should show as time. This measures exactly that, without a 2.5-hour compression: the model
 is LLaMA-2-7B's shape (hidden 4096, MLP 11008, 32 heads, vocab 32000) with random weights, and its
 compressed twin has every block linear factorized at the ranks `llmrom compress --budget B` plans for
-this shape on this machine (q/k/v and gate/up as joint groups, the default; --factors interpolative: each
-linear alone) (the plan's speed limits measured here in bfloat16; token embedding dense;
+this shape on this machine, q/k/v and gate/up as joint groups (--factors interpolative: each linear
+alone; the plan's speed limits measured here in bfloat16; token embedding dense;
 every block cut at one module budget solved to meet B), with random factors: speed depends on the
 shapes and ranks, not on the values. Both are timed by llmrom.eval.speed (decode with KV cache at
 batch 1 and 8, prefill 1 x 512, interleaved rounds, median) in bfloat16.
@@ -34,7 +34,7 @@ from llmrom.factor.interp import side_for  # noqa: E402
 from llmrom.modeling.arch import layout_for  # noqa: E402
 from llmrom.modeling.factorized import FactorizedLinear, joint_modules, replace_module  # noqa: E402
 from llmrom.modeling.io import write_json_atomic  # noqa: E402
-from llmrom.plan.choose import joins_groups, planned_shapes  # noqa: E402
+from llmrom.plan.choose import joins_groups, limit_key, planned_shapes  # noqa: E402
 from llmrom.plan.ranks import joint_groups, joint_plan, last_blocks_plan, module_budget_for, stacked_shape  # noqa: E402
 
 
@@ -81,8 +81,7 @@ def factorized_twin(model, budget, prefer, factors="joint"):
                                                                      dtype=torch.bfloat16, interp=interp), g))
                 counts["interpolative_linears"] += interp is not None
     grouped = joint_groups(shapes, layout) if joins_groups(cfg) else {}
-    limits = {(f"{grouped[s.name][0]}x{'+'.join(map(str, grouped[s.name][1]))} (joint)" if s.name in grouped
-               else f"{s.d_in}x{s.d_out}"): {"pair": round(s.max_kept, 4), "interpolative": round(s.interp_max_kept, 4)}
+    limits = {limit_key(s, grouped): {"pair": round(s.max_kept, 4), "interpolative": round(s.interp_max_kept, 4)}
               for s in shapes}
     return model, {"module_budget": b, "factorized_linears": len(plan), "block_linears": len(shapes),
                    "factors": factors, **counts, "max_kept_by_shape": limits}

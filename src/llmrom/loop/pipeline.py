@@ -411,9 +411,7 @@ def _factorize_joint(block, prefix, group, method, moments, plan, opts, t0):
     mods = [block.get_submodule(n) for n in group]
     ws = [weight_matrix(m).detach() for m in mods]
     w = torch.cat(ws)
-    if not torch.isfinite(w).all():
-        raise NonFiniteError(f"non-finite weights in {' / '.join(names)}: the checkpoint is damaged or overflowed "
-                             "on loading")
+    _check_weight(w, " / ".join(names))
     biases = [m.bias for m in mods]
     bias = None if all(b is None for b in biases) else torch.cat(
         [b.detach() if b is not None else x.new_zeros(x.shape[0]) for b, x in zip(biases, ws)])
@@ -467,8 +465,7 @@ def _factorize_into(block, prefix, name, method, moments, plan, opts, t0):
                             None, None, time.perf_counter() - t0,
                             f"kept dense: rank {rank} would need {shape.factor_params(rank)} >= "
                             f"{shape.dense_params} parameters")
-    if not torch.isfinite(w).all():
-        raise NonFiniteError(f"non-finite weights in {full}: the checkpoint is damaged or overflowed on loading")
+    _check_weight(w, full)
     low, nnz = shape.split(rank)
     bias_in = module.bias.detach() if module.bias is not None else None
     try:
@@ -491,6 +488,11 @@ def _factorize_into(block, prefix, name, method, moments, plan, opts, t0):
     return ModuleRecord(full, shape.d_in, shape.d_out, low, params_before, params_after,
                         f.explained, f.relative_error, time.perf_counter() - t0,
                         explained_curve=explained_curve(f.spectrum, min(shape.d_in, shape.d_out)), nnz=nnz)
+
+
+def _check_weight(w, name):
+    if not torch.isfinite(w).all():
+        raise NonFiniteError(f"non-finite weights in {name}: the checkpoint is damaged or overflowed on loading")
 
 
 def _load_factors(new, f, name):

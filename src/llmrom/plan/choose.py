@@ -83,7 +83,7 @@ def choose_plan(model, layout, shapes, total, tokens, cfg, opts, make_proxy=None
         return plan, emb_rank, info
 
 
-def _shape_key(shape, grouped):
+def limit_key(shape, grouped):
     """How the report names a shape's speed limit: d_in x d_out, or a joint group's d_in x the sum of its outputs."""
     if shape.name in grouped:
         d_in, sizes = grouped[shape.name]
@@ -135,7 +135,7 @@ def _choose_plan(model, layout, shapes, total, tokens, cfg, opts, make_proxy=Non
         plan = last_blocks_plan(shapes, n_blocks, last_n, b) if last_n else {}
         info = {"policy": "last-blocks (automatic)", "last_blocks": last_n, "module_budget": b, "auto": auto}
     grouped = joint_groups(shapes, layout) if joins_groups(cfg) else {}
-    limited = {_shape_key(s, grouped): {"pair": round(s.max_kept, 4), **({"interpolative": round(
+    limited = {limit_key(s, grouped): {"pair": round(s.max_kept, 4), **({"interpolative": round(
         s.interp_max_kept, 4)} if s.interp else {})} for s in shapes if min(s.max_kept, s.interp_max_kept) < 1}
     if limited:
         info["speed_limits"] = {"prefer": cfg.prefer, "max_kept_by_shape": limited,
